@@ -1,0 +1,134 @@
+//! The SOCKS5 wire codec (RFC 1928): pure functions over byte slices.
+//!
+//! Nothing here touches a socket, a clock or the heap. Parsers borrow their
+//! input and answer [`Status::Partial`] until a whole message is present, so
+//! the caller may feed them whatever the network delivered so far. Encoders
+//! write into a caller's buffer and return the length written.
+
+mod addr;
+mod consts;
+mod greeting;
+mod reply;
+mod request;
+mod sniff;
+
+pub use addr::Addr;
+pub use consts::{Command, Method, Reply, VERSION, atyp};
+pub use greeting::{Greeting, encode_method, parse_greeting};
+pub use reply::{MAX_REPLY_LEN, ReplyFrame, encode_reply, parse_reply};
+pub use request::{Request, parse_request};
+pub use sniff::{HTTP_400, Sniff, sniff};
+
+/// The outcome of parsing a prefix of the input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status<T> {
+    /// A whole message, and how many input bytes it took.
+    Complete(T, usize),
+    /// Every byte so far is valid, but the message is not finished.
+    Partial,
+}
+
+/// Why input is not a valid message. Each variant is final: more bytes
+/// cannot make the input valid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProtoError {
+    /// The version byte is not 5.
+    BadVersion(u8),
+    /// A greeting that offers no method (NMETHODS = 0).
+    NoMethods,
+    /// A request command other than CONNECT, BIND or UDP ASSOCIATE.
+    UnknownCommand(u8),
+    /// An address type other than 1, 3 or 4.
+    BadAddrType(u8),
+    /// A domain name of length 0.
+    EmptyDomain,
+}
+
+impl ProtoError {
+    /// The reply a client gets for this error, or `None` when the
+    /// connection is closed without one (RFC 1928 gives no reply frame for a
+    /// message that is not SOCKS5 at all).
+    pub fn reply(self) -> Option<Reply> {
+        match self {
+            ProtoError::BadVersion(_) | ProtoError::NoMethods => None,
+            ProtoError::UnknownCommand(_) => Some(Reply::CommandNotSupported),
+            ProtoError::BadAddrType(_) => Some(Reply::AddrTypeNotSupported),
+            // A malformed request: RFC 1928 has no finer code than 0x01.
+            ProtoError::EmptyDomain => Some(Reply::GeneralFailure),
+        }
+    }
+}
+
+impl std::fmt::Display for ProtoError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ProtoError::BadVersion(v) => write!(f, "version {v} is not SOCKS5"),
+            ProtoError::NoMethods => f.write_str("greeting offers no method"),
+            ProtoError::UnknownCommand(c) => write!(f, "unknown command {c:#04x}"),
+            ProtoError::BadAddrType(a) => write!(f, "unknown address type {a:#04x}"),
+            ProtoError::EmptyDomain => f.write_str("empty domain name"),
+        }
+    }
+}
+
+impl std::error::Error for ProtoError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_replies_table() {
+        let table = [
+            (ProtoError::BadVersion(4), None),
+            (ProtoError::NoMethods, None),
+            (ProtoError::UnknownCommand(9), Some(Reply::CommandNotSupported)),
+            (ProtoError::BadAddrType(2), Some(Reply::AddrTypeNotSupported)),
+            (ProtoError::EmptyDomain, Some(Reply::GeneralFailure)),
+        ];
+        for (err, want) in table {
+            assert_eq!(err.reply(), want, "{err}");
+        }
+    }
+
+    /// Greeting and request sent in one write, split at every point, parse
+    /// to the same messages.
+    #[test]
+    fn pipelined_greeting_and_request_every_split() {
+        let mut wire = vec![5, 2, 0, 2];
+        wire.extend_from_slice(&[5, 1, 0, 3, 9]);
+        wire.extend_from_slice(b"localhost");
+        wire.extend_from_slice(&[0x1f, 0x90]);
+        for split in 0..=wire.len() {
+            // Feed the first `split` bytes, then the rest, as a reader would.
+            let mut have = wire[..split].to_vec();
+            let mut fed = split;
+            let (g_len, methods) = loop {
+                match parse_greeting(&have).unwrap() {
+                    Status::Complete(g, n) => break (n, g.methods.to_vec()),
+                    Status::Partial => {
+                        have.push(wire[fed]);
+                        fed += 1;
+                    }
+                }
+            };
+            assert_eq!(methods, [0, 2]);
+            let mut rest = have[g_len..].to_vec();
+            loop {
+                match parse_request(&rest).unwrap() {
+                    Status::Complete(r, n) => {
+                        assert_eq!(r.command, Command::Connect);
+                        assert_eq!(r.addr, Addr::Domain(b"localhost"));
+                        assert_eq!(r.port, 8080);
+                        assert_eq!(g_len + n, wire.len());
+                        break;
+                    }
+                    Status::Partial => {
+                        rest.push(wire[fed]);
+                        fed += 1;
+                    }
+                }
+            }
+        }
+    }
+}
