@@ -1,1 +1,31 @@
+//! slabsocks: a SOCKS5 proxy server (RFC 1928) on one mio poll loop.
+//!
+//! Sessions are state machines in a slab, driven by readiness events; the
+//! relay moves bytes through fixed, pooled buffers and allocates nothing.
+//! Domain names are resolved on helper threads. For more cores, run more
+//! servers; they share nothing.
+//!
+//! ```no_run
+//! let config = slabsocks::Config { listen: vec!["127.0.0.1:0".parse().unwrap()], ..Default::default() };
+//! let server = slabsocks::Server::bind(config)?;
+//! println!("listening on {:?}", server.local_addrs());
+//! let handle = server.handle();
+//! let thread = std::thread::spawn(move || server.run());
+//! // ...
+//! handle.shutdown();
+//! thread.join().unwrap()?;
+//! # Ok::<(), std::io::Error>(())
+//! ```
+
+mod buf;
+mod config;
+mod conn;
 pub mod proto;
+mod relay;
+mod resolver;
+mod server;
+pub mod sys;
+mod timer;
+
+pub use config::{Config, ConfigError, MAX_BUFFER_SIZE, MIN_BUFFER_SIZE};
+pub use server::{Handle, Server};

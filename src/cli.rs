@@ -1,0 +1,124 @@
+//! Command line → [`Config`].
+
+use clap::Parser;
+use slabsocks::Config;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// A SOCKS5 proxy server: one poll loop, fixed relay buffers.
+#[derive(Parser, Debug)]
+#[command(name = "slabsocks", version, about)]
+pub struct Cli {
+    /// Address to listen on; repeat for several (IPv6 as [::1]:1080).
+    #[arg(long = "listen", value_name = "ADDR", default_value = "127.0.0.1:1080")]
+    pub listen: Vec<SocketAddr>,
+    /// Time allowed from connect until the request is complete.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = duration)]
+    pub handshake_timeout: Duration,
+    /// Time allowed to resolve and connect to the destination.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = duration)]
+    pub connect_timeout: Duration,
+    /// Close relaying sessions idle this long ("off" or 0: never).
+    #[arg(long, value_name = "DURATION", default_value = "off", value_parser = duration)]
+    pub idle_timeout: Duration,
+    /// Sessions held at once [default: from the open-file limit, 2 per session].
+    #[arg(long, value_name = "N")]
+    pub max_connections: Option<usize>,
+    /// Bytes per relay buffer (suffixes k, m: 16k).
+    #[arg(long, value_name = "BYTES", default_value = "16k", value_parser = size)]
+    pub buffer_size: usize,
+    /// Threads resolving domain names (0: refuse requests by name).
+    #[arg(long, value_name = "N", default_value_t = 4)]
+    pub resolver_threads: usize,
+    /// On SIGINT/SIGTERM, time open sessions get to finish.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = duration)]
+    pub shutdown_grace: Duration,
+    /// off, error, warn, info, debug or trace.
+    #[arg(long, value_name = "LEVEL", default_value = "info")]
+    pub log_level: log::LevelFilter,
+}
+
+impl Cli {
+    pub fn config(&self) -> Config {
+        Config {
+            listen: self.listen.clone(),
+            handshake_timeout: self.handshake_timeout,
+            connect_timeout: self.connect_timeout,
+            idle_timeout: (!self.idle_timeout.is_zero()).then_some(self.idle_timeout),
+            max_connections: self.max_connections,
+            buffer_size: self.buffer_size,
+            resolver_threads: self.resolver_threads,
+            shutdown_grace: self.shutdown_grace,
+        }
+    }
+}
+
+/// `500ms`, `10s`, `2m`, `1h`; a bare number is seconds; `off` is zero.
+fn duration(s: &str) -> Result<Duration, String> {
+    if s == "off" {
+        return Ok(Duration::ZERO);
+    }
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("'{s}' is not a duration like 500ms, 10s or 2m"))?;
+    let ms = match unit {
+        "ms" => n,
+        "" | "s" => n.saturating_mul(1000),
+        "m" => n.saturating_mul(60_000),
+        "h" => n.saturating_mul(3_600_000),
+        _ => return Err(format!("'{s}' has an unknown unit (use ms, s, m or h)")),
+    };
+    Ok(Duration::from_millis(ms))
+}
+
+/// `16384`, `16k`, `1m`.
+fn size(s: &str) -> Result<usize, String> {
+    let lower = s.to_ascii_lowercase();
+    let (num, mult) = match lower.strip_suffix('k') {
+        Some(n) => (n, 1024),
+        None => match lower.strip_suffix('m') {
+            Some(n) => (n, 1024 * 1024),
+            None => (lower.as_str(), 1),
+        },
+    };
+    num.parse::<usize>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("'{s}' is not a size like 16384, 16k or 1m"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(duration("10"), Ok(Duration::from_secs(10)));
+        assert_eq!(duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(duration("off"), Ok(Duration::ZERO));
+        assert!(duration("10x").is_err());
+        assert!(duration("").is_err());
+        assert!(duration("-1s").is_err());
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(size("16k"), Ok(16384));
+        assert_eq!(size("1M"), Ok(1 << 20));
+        assert_eq!(size("4096"), Ok(4096));
+        assert!(size("k").is_err());
+        assert!(size("99999999999999999999k").is_err());
+    }
+
+    #[test]
+    fn defaults_match_the_library() {
+        let cli = Cli::try_parse_from(["slabsocks"]).unwrap();
+        let (got, want) = (cli.config(), Config::default());
+        assert_eq!(got.listen, want.listen);
+        assert_eq!(got.handshake_timeout, want.handshake_timeout);
+        assert_eq!(got.idle_timeout, None);
+        assert_eq!(got.buffer_size, want.buffer_size);
+        assert_eq!(got.resolver_threads, want.resolver_threads);
+    }
+}

@@ -1,0 +1,110 @@
+//! Plain server configuration, independent of how it was obtained.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Everything a [`crate::Server`] needs to know. `Config::default()` listens
+/// on `127.0.0.1:1080`.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Addresses to listen on (port 0 picks a free port; see
+    /// [`crate::Server::local_addrs`]).
+    pub listen: Vec<SocketAddr>,
+    /// From accept until the request is complete.
+    pub handshake_timeout: Duration,
+    /// From the request until the upstream connection is made, name
+    /// resolution included.
+    pub connect_timeout: Duration,
+    /// A relaying session with no traffic in either direction for this long
+    /// is closed. `None`: never.
+    pub idle_timeout: Option<Duration>,
+    /// Sessions held at once. `None`: derived from RLIMIT_NOFILE (two
+    /// descriptors a session, less headroom).
+    pub max_connections: Option<usize>,
+    /// Bytes in each relay buffer. A direction holds one only while it has
+    /// bytes in flight.
+    pub buffer_size: usize,
+    /// Threads resolving domain names. 0 disables name resolution: requests
+    /// by name get REP 0x04 (IP literals still work).
+    pub resolver_threads: usize,
+    /// After shutdown is requested, open sessions get this long to finish.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: vec![SocketAddr::from(([127, 0, 0, 1], 1080))],
+            handshake_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(10),
+            idle_timeout: None,
+            max_connections: None,
+            buffer_size: 16 * 1024,
+            resolver_threads: 4,
+            shutdown_grace: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Smallest relay buffer: a whole handshake must fit in one.
+pub const MIN_BUFFER_SIZE: usize = 1024;
+/// Largest relay buffer: offsets are kept as `u32`.
+pub const MAX_BUFFER_SIZE: usize = 16 * 1024 * 1024;
+
+/// A configuration value that cannot work.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError(pub String);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let err = |s: &str| Err(ConfigError(s.to_string()));
+        if self.listen.is_empty() {
+            return err("no listen address");
+        }
+        if !(MIN_BUFFER_SIZE..=MAX_BUFFER_SIZE).contains(&self.buffer_size) {
+            return Err(ConfigError(format!(
+                "buffer size {} is outside {MIN_BUFFER_SIZE}..={MAX_BUFFER_SIZE}",
+                self.buffer_size
+            )));
+        }
+        if self.max_connections == Some(0) {
+            return err("max connections must be at least 1");
+        }
+        if self.handshake_timeout.is_zero() || self.connect_timeout.is_zero() {
+            return err("handshake and connect timeouts must be positive");
+        }
+        if self.resolver_threads > 64 {
+            return err("at most 64 resolver threads");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_is_valid_and_bad_values_are_named() {
+        assert_eq!(Config::default().validate(), Ok(()));
+        let bad = [
+            Config { listen: vec![], ..Config::default() },
+            Config { buffer_size: 100, ..Config::default() },
+            Config { max_connections: Some(0), ..Config::default() },
+            Config { connect_timeout: Duration::ZERO, ..Config::default() },
+            Config { resolver_threads: 1000, ..Config::default() },
+        ];
+        for c in bad {
+            assert!(c.validate().is_err(), "{c:?}");
+        }
+    }
+}

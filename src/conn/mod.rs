@@ -1,0 +1,213 @@
+//! One session's state machine:
+//! `Handshake → (Resolving →) Connecting → Relaying`.
+//!
+//! Each state owns only what is valid in it, and a transition moves the
+//! state (and its buffers) by value into the next one. A handler returns the
+//! state to keep and a [`Flow`] saying what the loop should do next.
+
+mod connect;
+mod handshake;
+
+use crate::buf::{Buf, Pool};
+use crate::proto::{Addr, Reply, encode_reply};
+use crate::relay::Relay;
+use crate::resolver::Resolver;
+use crate::timer::{Kind, Timers};
+use mio::Registry;
+use mio::net::TcpStream;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr};
+use std::time::Instant;
+
+pub(crate) use connect::Addrs;
+use handshake::Handshake;
+
+/// Readiness we were told of and have not yet used up. Events set bits; an
+/// operation that answers `WouldBlock` clears its bit. Edge-triggered
+/// events come once, so a bit stays set while the socket may still have
+/// something for us, even when we stopped for want of buffer space.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Ready(u8);
+
+impl Ready {
+    pub const CLIENT_R: u8 = 1;
+    pub const CLIENT_W: u8 = 2;
+    pub const UP_R: u8 = 4;
+    pub const UP_W: u8 = 8;
+
+    pub fn has(self, bit: u8) -> bool {
+        self.0 & bit != 0
+    }
+    pub fn set(&mut self, bits: u8) {
+        self.0 |= bits;
+    }
+    pub fn clear(&mut self, bits: u8) {
+        self.0 &= !bits;
+    }
+}
+
+/// What a state handler tells the driver.
+pub(crate) enum Flow {
+    /// The state changed; run the new one at once (its bytes may already be
+    /// here: greeting and request in one packet raise one event).
+    Continue,
+    /// Nothing more to do until the next event.
+    Wait,
+    /// The work budget for this turn is spent with work left: run again
+    /// after the other sessions have had theirs.
+    Again,
+    /// The session is over.
+    Close(&'static str),
+}
+
+/// What the loop does after driving a session.
+pub(crate) enum Step {
+    Wait,
+    Again,
+    Close(&'static str),
+}
+
+/// The loop's resources a session may use while it is driven.
+pub(crate) struct Ctx<'a> {
+    pub registry: &'a Registry,
+    pub pool: &'a mut Pool,
+    pub timers: &'a mut Timers,
+    pub resolver: Option<&'a Resolver>,
+    pub now: Instant,
+    pub key: usize,
+    pub id: u32,
+    /// Requests refused because the resolver queue was full (the loop warns).
+    pub resolver_full: &'a mut u64,
+}
+
+/// Client bytes that arrived after the request, waiting to go upstream.
+pub(crate) struct Carry {
+    pub buf: Buf,
+    pub start: usize,
+    pub end: usize,
+}
+
+pub(crate) enum State {
+    Handshake(Handshake),
+    /// Waiting for the resolver's answer.
+    Resolving { carry: Carry },
+    Connecting(connect::Connecting),
+    Relaying(Relay),
+    Closed,
+}
+
+pub(crate) struct Conn {
+    pub id: u32,
+    pub client: TcpStream,
+    pub ready: Ready,
+    state: State,
+}
+
+impl Conn {
+    pub(crate) fn new(id: u32, client: TcpStream, pool: &mut Pool) -> Conn {
+        let state = State::Handshake(Handshake::new(pool.handshake()));
+        Conn { id, client, ready: Ready::default(), state }
+    }
+
+    /// Runs the state machine until it waits for an event.
+    pub(crate) fn drive(&mut self, ctx: &mut Ctx<'_>) -> Step {
+        loop {
+            let (state, flow) = match std::mem::replace(&mut self.state, State::Closed) {
+                State::Handshake(h) => h.step(&mut self.client, &mut self.ready, ctx),
+                s @ State::Resolving { .. } => (s, Flow::Wait),
+                State::Connecting(c) => c.step(&mut self.client, &mut self.ready, ctx),
+                State::Relaying(mut r) => {
+                    let flow = r.pump(&mut self.client, &mut self.ready, ctx);
+                    (State::Relaying(r), flow)
+                }
+                State::Closed => (State::Closed, Flow::Close("closed")),
+            };
+            self.state = state;
+            match flow {
+                Flow::Continue => continue,
+                Flow::Wait => return Step::Wait,
+                Flow::Again => return Step::Again,
+                Flow::Close(why) => return Step::Close(why),
+            }
+        }
+    }
+
+    /// The resolver's answer for this session.
+    pub(crate) fn resolved(&mut self, addrs: io::Result<Vec<SocketAddr>>, ctx: &mut Ctx<'_>) -> Step {
+        let State::Resolving { carry } = std::mem::replace(&mut self.state, State::Closed) else {
+            return Step::Wait;
+        };
+        let (state, flow) = match addrs {
+            Ok(list) => connect::start(Addrs::List { list, next: 0 }, carry, None, &mut self.client, &mut self.ready, ctx),
+            Err(e) => (State::Resolving { carry }, Flow::Close(fail(&mut self.client, Reply::from_io(&e)))),
+        };
+        self.state = state;
+        match flow {
+            Flow::Close(why) => Step::Close(why),
+            _ => self.drive(ctx),
+        }
+    }
+
+    /// A deadline armed for this session has passed.
+    pub(crate) fn expired(&mut self, kind: Kind) -> Step {
+        match (kind, &self.state) {
+            (Kind::Connect, State::Resolving { .. } | State::Connecting(_)) => {
+                let timed_out = io::Error::from(io::ErrorKind::TimedOut);
+                Step::Close(fail(&mut self.client, Reply::from_io(&timed_out)))
+            }
+            (Kind::Handshake, _) => Step::Close("handshake timeout"),
+            (Kind::Idle, _) => Step::Close("idle timeout"),
+            _ => Step::Wait,
+        }
+    }
+
+    /// Gives the session's buffers back to the pool.
+    pub(crate) fn recycle(self, pool: &mut Pool) {
+        match self.state {
+            State::Handshake(h) => pool.put(h.into_buf()),
+            State::Resolving { carry, .. } => pool.put(carry.buf),
+            State::Connecting(c) => pool.put(c.into_carry().buf),
+            State::Relaying(r) => r.recycle(pool),
+            State::Closed => {}
+        }
+    }
+}
+
+/// Writes a whole reply frame to the client. A reply is at most 22 bytes
+/// and precedes any relayed data, so a short write means the client is
+/// gone (its send buffer cannot be full of ours).
+pub(crate) fn send(client: &mut TcpStream, frame: &[u8]) -> bool {
+    matches!(client.write(frame), Ok(n) if n == frame.len())
+}
+
+/// Sends failure reply `rep` (BND 0.0.0.0:0) and closes. RFC 1928 §6: "the
+/// SOCKS server MUST terminate the TCP connection shortly after sending the
+/// reply". Returns why, for the close log.
+pub(crate) fn fail(client: &mut TcpStream, rep: Reply) -> &'static str {
+    let mut frame = [0u8; crate::proto::MAX_REPLY_LEN];
+    let n = encode_reply(rep, &Addr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0, &mut frame);
+    send(client, &frame[..n]);
+    reject(client);
+    match rep {
+        Reply::ConnectionRefused => "connection refused",
+        Reply::NetworkUnreachable => "network unreachable",
+        Reply::HostUnreachable => "host unreachable",
+        Reply::CommandNotSupported => "command not supported",
+        Reply::AddrTypeNotSupported => "address type not supported",
+        _ => "request failed",
+    }
+}
+
+/// Prepares a refused client's socket for close: sends FIN, then discards
+/// what the client already sent, because closing with unread input makes
+/// the kernel send RST, which can destroy the answer before it is read.
+pub(crate) fn reject(client: &mut TcpStream) {
+    let _ = client.shutdown(Shutdown::Write);
+    let mut sink = [0u8; 512];
+    for _ in 0..16 {
+        match client.read(&mut sink) {
+            Ok(n) if n > 0 => {}
+            _ => break,
+        }
+    }
+}

@@ -1,0 +1,143 @@
+//! Both directions of an established session, through fixed buffers.
+//!
+//! A direction borrows a buffer from the pool when it reads and gives it
+//! back as soon as everything read has been written, so an idle session
+//! holds no buffer. A full buffer stops reading its source until the
+//! destination drains it (backpressure). An EOF is passed on as
+//! `shutdown(Write)` once the bytes before it are out (half-close); the
+//! session ends when both directions have ended, or on an error.
+
+use crate::buf::{Buf, Io, Pool, read, write};
+use crate::conn::{Carry, Ctx, Flow, Ready};
+use mio::net::TcpStream;
+use std::net::Shutdown;
+
+/// Socket operations per turn before a session yields to the others.
+const BUDGET: u32 = 32;
+
+/// One direction: bytes read from `src` wait in `buf[start..end]`.
+struct Half {
+    buf: Option<Buf>,
+    start: u32,
+    end: u32,
+    /// `src` has sent EOF.
+    eof: bool,
+    /// EOF has been passed on to `dst`.
+    shut: bool,
+}
+
+/// What one pass over a direction did.
+enum Pass {
+    Idle,
+    Moved,
+    Failed(&'static str),
+}
+
+impl Half {
+    fn empty() -> Half {
+        Half { buf: None, start: 0, end: 0, eof: false, shut: false }
+    }
+
+    /// One read (if there is room and the source may have data) and one
+    /// write (if there are bytes and the destination may take them).
+    fn pass(&mut self, src: &mut TcpStream, dst: &mut TcpStream, ready: &mut Ready, bits: (u8, u8), pool: &mut Pool) -> Pass {
+        let (src_r, dst_w) = bits;
+        let mut moved = false;
+        let room = self.buf.as_ref().is_none_or(|b| (self.end as usize) < b.len());
+        if !self.eof && room && ready.has(src_r) {
+            let buf = self.buf.get_or_insert_with(|| pool.relay());
+            match read(src, &mut buf[self.end as usize..]) {
+                Io::Done(n) => {
+                    self.end += n as u32;
+                    moved = true;
+                }
+                Io::Eof => {
+                    self.eof = true;
+                    moved = true;
+                }
+                Io::WouldBlock => ready.clear(src_r),
+                Io::Err(e) => {
+                    log::debug!("relay read: {e}");
+                    return Pass::Failed("read error");
+                }
+            }
+        }
+        if self.start < self.end
+            && ready.has(dst_w)
+            && let Some(buf) = &self.buf
+        {
+            match write(dst, &buf[self.start as usize..self.end as usize]) {
+                Io::Done(n) => {
+                    self.start += n as u32;
+                    moved = true;
+                }
+                Io::WouldBlock => ready.clear(dst_w),
+                Io::Eof => return Pass::Failed("write error"),
+                Io::Err(e) => {
+                    log::debug!("relay write: {e}");
+                    return Pass::Failed("write error");
+                }
+            }
+        }
+        if self.start == self.end
+            && let Some(buf) = self.buf.take()
+        {
+            pool.put(buf);
+            (self.start, self.end) = (0, 0);
+        }
+        if self.eof && self.buf.is_none() && !self.shut {
+            // The peer may already be gone; the session ends on its own then.
+            let _ = dst.shutdown(Shutdown::Write);
+            self.shut = true;
+            moved = true;
+        }
+        if moved { Pass::Moved } else { Pass::Idle }
+    }
+}
+
+pub(crate) struct Relay {
+    up: TcpStream,
+    /// Client to upstream.
+    tx: Half,
+    /// Upstream to client.
+    rx: Half,
+}
+
+impl Relay {
+    /// `carry`: client bytes that came with the request, sent first.
+    pub(crate) fn new(up: TcpStream, carry: Carry) -> Relay {
+        let tx = Half { buf: Some(carry.buf), start: carry.start as u32, end: carry.end as u32, ..Half::empty() };
+        Relay { up, tx, rx: Half::empty() }
+    }
+
+    pub(crate) fn pump(&mut self, client: &mut TcpStream, ready: &mut Ready, ctx: &mut Ctx<'_>) -> Flow {
+        let mut moved = false;
+        let mut budget = BUDGET;
+        let flow = loop {
+            let tx = self.tx.pass(client, &mut self.up, ready, (Ready::CLIENT_R, Ready::UP_W), ctx.pool);
+            let rx = self.rx.pass(&mut self.up, client, ready, (Ready::UP_R, Ready::CLIENT_W), ctx.pool);
+            match (tx, rx) {
+                (Pass::Failed(why), _) | (_, Pass::Failed(why)) => break Flow::Close(why),
+                (Pass::Idle, Pass::Idle) => break Flow::Wait,
+                _ => moved = true,
+            }
+            if self.tx.shut && self.rx.shut {
+                break Flow::Close("done");
+            }
+            budget -= 1;
+            if budget == 0 {
+                break Flow::Again;
+            }
+        };
+        if moved {
+            ctx.timers.touch(ctx.key, ctx.now);
+        }
+        flow
+    }
+
+    pub(crate) fn recycle(self, pool: &mut Pool) {
+        for buf in [self.tx.buf, self.rx.buf].into_iter().flatten() {
+            pool.put(buf);
+        }
+    }
+}

@@ -1,0 +1,53 @@
+//! The few process-level system calls the server needs.
+
+use std::io;
+
+/// Descriptors kept back from the session budget: listeners, the poll and
+/// waker descriptors, resolver sockets, log files, stdio.
+const FD_HEADROOM: u64 = 64;
+
+fn get_nofile() -> io::Result<libc::rlimit> {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes one rlimit through a valid, exclusive pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
+        Ok(lim)
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// The soft RLIMIT_NOFILE in force.
+pub fn nofile_limit() -> io::Result<u64> {
+    get_nofile().map(|l| l.rlim_cur as u64)
+}
+
+/// Raises the soft RLIMIT_NOFILE to the hard limit; returns the new soft
+/// limit.
+pub fn raise_nofile_limit() -> io::Result<u64> {
+    let mut lim = get_nofile()?;
+    if lim.rlim_cur < lim.rlim_max {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: setrlimit reads one initialised rlimit through a valid pointer.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(lim.rlim_cur as u64)
+}
+
+/// Sessions that fit in `nofile` descriptors: two each (client, upstream).
+pub fn max_connections_for(nofile: u64) -> usize {
+    let n = nofile.saturating_sub(FD_HEADROOM) / 2;
+    usize::try_from(n).unwrap_or(usize::MAX).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn budget() {
+        assert_eq!(super::max_connections_for(20_000), 9_968);
+        assert_eq!(super::max_connections_for(1024), 480);
+        assert_eq!(super::max_connections_for(10), 1);
+        assert!(super::nofile_limit().unwrap() > 0);
+    }
+}
