@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum Kind {
     /// Greeting and request.
     Handshake = 0,
@@ -87,7 +87,7 @@ impl Timers {
         let k = Kind::Idle as usize;
         if let Some(link) = self.links.get(key)
             && link.kind == Kind::Idle as u8
-            && self.now_ms(now) + self.dur[k] - link.deadline > self.dur[k] / 16
+            && (self.now_ms(now) + self.dur[k]).saturating_sub(link.deadline) > self.dur[k] / 16
         {
             self.set(key, Kind::Idle, now);
         }

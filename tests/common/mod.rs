@@ -1,0 +1,278 @@
+//! Test fixtures: the server in-process on 127.0.0.1:0, loopback peers
+//! (echo, scripted upstreams, a tiny HTTP server) and a raw SOCKS5 client.
+#![allow(dead_code)]
+
+use slabsocks::proto::{ReplyFrame, Status, parse_reply};
+use slabsocks::{Config, Handle, Server};
+use std::io::{self, Read, Write};
+use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Longest any single read in a test may block: a hang fails the test.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct Proxy {
+    pub addr: SocketAddr,
+    pub handle: Handle,
+    thread: Option<JoinHandle<io::Result<()>>>,
+}
+
+impl Proxy {
+    pub fn start() -> Proxy {
+        Proxy::with(|_| {})
+    }
+
+    pub fn with(f: impl FnOnce(&mut Config)) -> Proxy {
+        let mut config = Config {
+            listen: vec![SocketAddr::from((Ipv4Addr::LOCALHOST, 0))],
+            shutdown_grace: Duration::from_millis(200),
+            ..Config::default()
+        };
+        f(&mut config);
+        let server = Server::bind(config).expect("bind");
+        let addr = server.local_addrs()[0];
+        let handle = server.handle();
+        let thread = Some(std::thread::spawn(move || server.run()));
+        Proxy { addr, handle, thread }
+    }
+
+    /// Waits (bounded) until the server holds `n` sessions.
+    pub fn wait_sessions(&self, n: usize) {
+        let end = Instant::now() + IO_TIMEOUT;
+        while self.handle.sessions() != n {
+            assert!(Instant::now() < end, "server holds {} sessions, expected {n}", self.handle.sessions());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.handle.shutdown();
+        if let Some(t) = self.thread.take() {
+            let res = t.join();
+            if !std::thread::panicking() {
+                res.expect("server thread panicked").expect("server run failed");
+            }
+        }
+    }
+}
+
+/// Serves each connection on its own thread with `f`.
+pub fn serve(addr: &str, f: impl Fn(TcpStream) + Send + Clone + 'static) -> SocketAddr {
+    let l = TcpListener::bind(addr).expect("bind upstream");
+    let local = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            let f = f.clone();
+            std::thread::spawn(move || f(s));
+        }
+    });
+    local
+}
+
+/// Echoes until EOF, then half-closes.
+pub fn echo_server(addr: &str) -> SocketAddr {
+    serve(addr, |mut s| {
+        let mut buf = [0u8; 16384];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if s.write_all(&buf[..n]).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+        let _ = s.shutdown(Shutdown::Write);
+    })
+}
+
+/// A port with nothing listening (bound, then closed).
+pub fn closed_port() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+/// Answers every request on a connection with `body`, HTTP/1.1, then closes.
+pub fn http_server(body: &'static str) -> SocketAddr {
+    serve("127.0.0.1:0", move |mut s| {
+        let mut req = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => req.extend_from_slice(&buf[..n]),
+            }
+        }
+        let resp = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+        let _ = s.write_all(resp.as_bytes());
+    })
+}
+
+pub fn connect(proxy: SocketAddr) -> TcpStream {
+    let s = TcpStream::connect(proxy).expect("connect to proxy");
+    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    s.set_nodelay(true).unwrap();
+    s
+}
+
+/// The request bytes for CONNECT to an IP address.
+pub fn connect_request(target: SocketAddr) -> Vec<u8> {
+    let mut r = vec![5, 1, 0];
+    match target {
+        SocketAddr::V4(a) => {
+            r.push(1);
+            r.extend_from_slice(&a.ip().octets());
+        }
+        SocketAddr::V6(a) => {
+            r.push(4);
+            r.extend_from_slice(&a.ip().octets());
+        }
+    }
+    r.extend_from_slice(&target.port().to_be_bytes());
+    r
+}
+
+/// The request bytes for CONNECT to a domain name.
+pub fn connect_domain(name: &str, port: u16) -> Vec<u8> {
+    let mut r = vec![5, 1, 0, 3, name.len() as u8];
+    r.extend_from_slice(name.as_bytes());
+    r.extend_from_slice(&port.to_be_bytes());
+    r
+}
+
+/// Reads one whole reply frame; returns REP and the frame's bytes.
+pub fn read_reply(s: &mut TcpStream) -> io::Result<(u8, Vec<u8>)> {
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        match parse_reply(&buf) {
+            Ok(Status::Complete(ReplyFrame { rep, .. }, n)) => {
+                assert_eq!(n, buf.len());
+                return Ok((rep, buf));
+            }
+            Ok(Status::Partial) => {}
+            Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, format!("{e}: {buf:?}"))),
+        }
+        if s.read(&mut byte)? == 0 {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, format!("EOF after {buf:?}")));
+        }
+        buf.push(byte[0]);
+    }
+}
+
+/// Greeting (no auth), then `request`; returns the reply's REP and frame.
+pub fn request(proxy: SocketAddr, request: &[u8]) -> (TcpStream, u8, Vec<u8>) {
+    let mut s = connect(proxy);
+    s.write_all(&[5, 1, 0]).unwrap();
+    let mut m = [0u8; 2];
+    s.read_exact(&mut m).unwrap();
+    assert_eq!(m, [5, 0]);
+    s.write_all(request).unwrap();
+    let (rep, frame) = read_reply(&mut s).expect("reply");
+    (s, rep, frame)
+}
+
+/// A CONNECT that must succeed.
+pub fn open(proxy: SocketAddr, target: SocketAddr) -> TcpStream {
+    let (s, rep, _) = request(proxy, &connect_request(target));
+    assert_eq!(rep, 0, "CONNECT {target} failed");
+    s
+}
+
+/// Reads until EOF; fails on a timeout or reset.
+pub fn read_to_end(s: &mut TcpStream) -> Vec<u8> {
+    let mut v = Vec::new();
+    s.read_to_end(&mut v).expect("read to EOF");
+    v
+}
+
+/// True when the peer closed (EOF or reset) rather than sending more.
+pub fn closed(s: &mut TcpStream) -> bool {
+    let mut b = [0u8; 64];
+    match s.read(&mut b) {
+        Ok(0) => true,
+        Ok(n) => panic!("expected close, got {:?}", &b[..n]),
+        Err(e) => e.kind() == io::ErrorKind::ConnectionReset,
+    }
+}
+
+/// A deterministic byte stream and an order-sensitive checksum over it.
+pub struct Pattern(u64);
+
+impl Pattern {
+    pub fn new(seed: u64) -> Pattern {
+        Pattern(seed | 1)
+    }
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            let b = self.0.to_le_bytes();
+            chunk.copy_from_slice(&b[..chunk.len()]);
+        }
+    }
+}
+
+/// FNV-1a over 8-byte words (tail bytewise): order-sensitive and fast
+/// enough in debug builds.
+#[derive(Clone, Copy)]
+pub struct Sum(u64, u64);
+
+impl Sum {
+    pub fn new() -> Sum {
+        Sum(0xcbf29ce484222325, 0)
+    }
+    pub fn add(&mut self, data: &[u8]) {
+        for &b in data {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x100000001b3);
+        }
+        self.1 += data.len() as u64;
+    }
+}
+
+impl PartialEq for Sum {
+    fn eq(&self, o: &Sum) -> bool {
+        (self.0, self.1) == (o.0, o.1)
+    }
+}
+
+impl std::fmt::Debug for Sum {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:016x}/{} bytes", self.0, self.1)
+    }
+}
+
+/// Sends `total` pattern bytes, then half-closes; returns their checksum.
+pub fn send_pattern(s: &mut TcpStream, seed: u64, total: usize) -> Sum {
+    let mut p = Pattern::new(seed);
+    let mut sum = Sum::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut left = total;
+    while left > 0 {
+        let n = left.min(buf.len());
+        p.fill(&mut buf[..n]);
+        s.write_all(&buf[..n]).expect("send pattern");
+        sum.add(&buf[..n]);
+        left -= n;
+    }
+    s.shutdown(Shutdown::Write).unwrap();
+    sum
+}
+
+/// Reads to EOF; returns the checksum.
+pub fn sum_to_end(s: &mut TcpStream) -> Sum {
+    let mut sum = Sum::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return sum,
+            Ok(n) => sum.add(&buf[..n]),
+            Err(e) => panic!("read failed after {sum:?}: {e}"),
+        }
+    }
+}
