@@ -95,8 +95,8 @@ mod tests {
         pool.put(a);
         pool.put(b);
         assert_eq!(pool.free(), (1, 1));
-        assert_eq!(pool.relay().as_ptr(), pa);
-        assert_eq!(pool.handshake().as_ptr(), pb);
+        let (a, b) = (pool.relay(), pool.handshake());
+        assert_eq!((a.as_ptr(), b.as_ptr()), (pa, pb));
     }
 
     #[test]

@@ -19,10 +19,8 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let log_config = ConfigBuilder::new()
-        .set_target_level(log::LevelFilter::Off)
-        .set_thread_level(log::LevelFilter::Off)
-        .build();
+    let log_config =
+        ConfigBuilder::new().set_target_level(log::LevelFilter::Off).set_thread_level(log::LevelFilter::Off).build();
     let _ = WriteLogger::init(cli.log_level, log_config, std::io::stderr());
     if let Err(e) = slabsocks::sys::raise_nofile_limit() {
         log::warn!("cannot raise the open-file limit: {e}");

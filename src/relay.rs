@@ -40,7 +40,14 @@ impl Half {
 
     /// One read (if there is room and the source may have data) and one
     /// write (if there are bytes and the destination may take them).
-    fn pass(&mut self, src: &mut TcpStream, dst: &mut TcpStream, ready: &mut Ready, bits: (u8, u8), pool: &mut Pool) -> Pass {
+    fn pass(
+        &mut self,
+        src: &mut TcpStream,
+        dst: &mut TcpStream,
+        ready: &mut Ready,
+        bits: (u8, u8),
+        pool: &mut Pool,
+    ) -> Pass {
         let (src_r, dst_w) = bits;
         let mut moved = false;
         let room = self.buf.as_ref().is_none_or(|b| (self.end as usize) < b.len());

@@ -175,17 +175,20 @@ impl Server {
         );
         let now = Instant::now();
         let mut lp = Loop {
-            timers: Timers::new(now, [Some(c.handshake_timeout), Some(c.connect_timeout), c.idle_timeout]),
-            pool: Pool::new(c.buffer_size),
+            env: Env {
+                timers: Timers::new(now, [Some(c.handshake_timeout), Some(c.connect_timeout), c.idle_timeout]),
+                pool: Pool::new(c.buffer_size),
+                resolver,
+                resolver_full: 0,
+            },
             conns: Slab::new(),
-            resolver,
             answers: Vec::new(),
-            again: Vec::new(),
-            turn: Vec::new(),
+            again: Vec::with_capacity(64),
+            turn: Vec::with_capacity(64),
+            listeners_deferred: 0,
             next_id: 0,
             accept: AcceptState::Open,
             resume_at: self.max_conns - self.max_conns / 10 - 1,
-            resolver_full: 0,
             last_warn: None,
             stop_deadline: None,
             now,
@@ -206,22 +209,44 @@ enum AcceptState {
     Stopped,
 }
 
-struct Loop {
-    server: Server,
-    conns: Slab<Conn>,
+/// What sessions borrow while they are driven.
+struct Env {
     pool: Pool,
     timers: Timers,
     resolver: Option<Resolver>,
+    resolver_full: u64,
+}
+
+impl Env {
+    fn ctx<'a>(&'a mut self, registry: &'a mio::Registry, now: Instant, key: usize, id: u32) -> Ctx<'a> {
+        Ctx {
+            registry,
+            pool: &mut self.pool,
+            timers: &mut self.timers,
+            resolver: self.resolver.as_ref(),
+            now,
+            key,
+            id,
+            resolver_full: &mut self.resolver_full,
+        }
+    }
+}
+
+struct Loop {
+    server: Server,
+    conns: Slab<Conn>,
+    env: Env,
     answers: Vec<Answer>,
     /// Work deferred to the end of this turn: sessions and listeners that
     /// used up their budget. `turn` is its double buffer; both keep their
     /// capacity, so deferring allocates nothing once warm.
     again: Vec<Token>,
     turn: Vec<Token>,
+    /// Bit i: listener i is in `again`.
+    listeners_deferred: u64,
     next_id: u32,
     accept: AcceptState,
     resume_at: usize,
-    resolver_full: u64,
     last_warn: Option<Instant>,
     stop_deadline: Option<Instant>,
     now: Instant,
@@ -253,7 +278,7 @@ impl Loop {
                     if ev.is_writable() || ev.is_write_closed() || ev.is_error() {
                         bits |= if client { crate::conn::Ready::CLIENT_W } else { crate::conn::Ready::UP_W };
                     }
-                    self.session_event(t, bits);
+                    self.session_event(t, bits, false);
                 }
             }
             self.run_deferred();
@@ -276,7 +301,7 @@ impl Loop {
             AcceptState::Backoff(at) => Some(at),
             _ => None,
         };
-        [self.timers.next_deadline(), backoff, self.stop_deadline]
+        [self.env.timers.next_deadline(), backoff, self.stop_deadline]
             .into_iter()
             .flatten()
             .min()
@@ -284,30 +309,26 @@ impl Loop {
             .map(|at| at.saturating_duration_since(Instant::now()) + Duration::from_millis(1))
     }
 
-    fn ctx<'a>(
-        server: &'a Server,
-        pool: &'a mut Pool,
-        timers: &'a mut Timers,
-        resolver: &'a Option<Resolver>,
-        resolver_full: &'a mut u64,
-        now: Instant,
-        key: usize,
-        id: u32,
-    ) -> Ctx<'a> {
-        Ctx { registry: server.poll.registry(), pool, timers, resolver: resolver.as_ref(), now, key, id, resolver_full }
-    }
-
     /// Drives the session behind `t` (if it still exists) after adding
     /// `bits` to its readiness.
-    fn session_event(&mut self, t: Token, bits: u8) {
+    /// `deferred`: this is the session's deferred turn.
+    fn session_event(&mut self, t: Token, bits: u8, deferred: bool) {
         let (key, id, _) = split(t);
         let Some(conn) = self.conns.get_mut(key) else { return };
         if conn.id & ID_MASK != id {
             return;
         }
         conn.ready.set(bits);
-        let mut ctx = Self::ctx(&self.server, &mut self.pool, &mut self.timers, &self.resolver, &mut self.resolver_full, self.now, key, conn.id);
+        if deferred {
+            conn.deferred = false;
+        }
+        let mut ctx = self.env.ctx(self.server.poll.registry(), self.now, key, conn.id);
         let step = conn.drive(&mut ctx);
+        // One deferred turn at most per session: `again` stays no longer
+        // than the slab, and so stops growing once the slab has.
+        if matches!(step, Step::Again) && std::mem::replace(&mut conn.deferred, true) {
+            return;
+        }
         self.after(key, conn_token(key, id), step);
     }
 
@@ -320,12 +341,12 @@ impl Loop {
     }
 
     fn close(&mut self, key: usize, why: &'static str) {
-        self.timers.cancel(key);
+        self.env.timers.cancel(key);
         let conn = self.conns.remove(key);
         debug!("#{key} closed: {why}");
         // Dropping the sockets closes them, which removes them from the poll
         // set; a stale event already fetched is caught by the session id.
-        conn.recycle(&mut self.pool);
+        conn.recycle(&mut self.env.pool);
         self.maybe_resume_accept();
     }
 
@@ -333,7 +354,7 @@ impl Loop {
         if self.server.shared.stop.load(Ordering::SeqCst) && self.stop_deadline.is_none() {
             self.begin_shutdown();
         }
-        let Some(resolver) = &self.resolver else { return };
+        let Some(resolver) = &self.env.resolver else { return };
         let mut answers = std::mem::take(&mut self.answers);
         resolver.drain(&mut answers);
         for Answer { key, id, addrs } in answers.drain(..) {
@@ -341,7 +362,7 @@ impl Loop {
             if conn.id != id {
                 continue;
             }
-            let mut ctx = Self::ctx(&self.server, &mut self.pool, &mut self.timers, &self.resolver, &mut self.resolver_full, self.now, key, id);
+            let mut ctx = self.env.ctx(self.server.poll.registry(), self.now, key, id);
             let step = conn.resolved(addrs, &mut ctx);
             self.after(key, conn_token(key, id), step);
         }
@@ -385,7 +406,14 @@ impl Loop {
                 Err(e) => debug!("accept: {e}"),
             }
         }
-        self.again.push(Token(LISTENER_BASE - i));
+        self.defer_listener(i);
+    }
+
+    fn defer_listener(&mut self, i: usize) {
+        if self.listeners_deferred & (1 << i) == 0 {
+            self.listeners_deferred |= 1 << i;
+            self.again.push(Token(LISTENER_BASE - i));
+        }
     }
 
     fn admit(&mut self, mut stream: mio::net::TcpStream, peer: SocketAddr) {
@@ -400,8 +428,8 @@ impl Loop {
             return;
         }
         debug!("#{key} accepted from {peer}");
-        entry.insert(Conn::new(id, stream, &mut self.pool));
-        self.timers.set(key, crate::timer::Kind::Handshake, self.now);
+        entry.insert(Conn::new(id, stream, &mut self.env.pool));
+        self.env.timers.set(key, crate::timer::Kind::Handshake, self.now);
     }
 
     fn maybe_resume_accept(&mut self) {
@@ -415,7 +443,7 @@ impl Loop {
             // A paused listener gets no new edge for connections already
             // queued: look at each one.
             for i in 0..self.server.listeners.len() {
-                self.again.push(Token(LISTENER_BASE - i));
+                self.defer_listener(i);
             }
         }
     }
@@ -428,8 +456,11 @@ impl Loop {
         let mut turn = std::mem::take(&mut self.turn);
         for &t in &turn {
             match listener_index(t) {
-                Some(i) => self.accept(i),
-                None => self.session_event(t, 0),
+                Some(i) => {
+                    self.listeners_deferred &= !(1 << i);
+                    self.accept(i);
+                }
+                None => self.session_event(t, 0, true),
             }
         }
         turn.clear();
@@ -437,7 +468,7 @@ impl Loop {
     }
 
     fn expire(&mut self) {
-        while let Some((key, kind)) = self.timers.pop_expired(self.now) {
+        while let Some((key, kind)) = self.env.timers.pop_expired(self.now) {
             let Some(conn) = self.conns.get_mut(key) else { continue };
             let id = conn.id;
             let step = conn.expired(kind);
@@ -453,10 +484,10 @@ impl Loop {
         {
             self.maybe_resume_accept();
         }
-        if self.resolver_full > 0 {
-            let n = self.resolver_full;
+        if self.env.resolver_full > 0 {
+            let n = self.env.resolver_full;
             if self.warn(format_args!("resolver queue full: {n} requests refused")) {
-                self.resolver_full = 0;
+                self.env.resolver_full = 0;
             }
         }
         self.server.shared.sessions.store(self.conns.len(), Ordering::Relaxed);

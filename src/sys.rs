@@ -17,12 +17,14 @@ fn get_nofile() -> io::Result<libc::rlimit> {
 }
 
 /// The soft RLIMIT_NOFILE in force.
+#[allow(clippy::unnecessary_cast)] // rlim_t is 32 bits on some targets
 pub fn nofile_limit() -> io::Result<u64> {
     get_nofile().map(|l| l.rlim_cur as u64)
 }
 
 /// Raises the soft RLIMIT_NOFILE to the hard limit; returns the new soft
 /// limit.
+#[allow(clippy::unnecessary_cast)] // rlim_t is 32 bits on some targets
 pub fn raise_nofile_limit() -> io::Result<u64> {
     let mut lim = get_nofile()?;
     if lim.rlim_cur < lim.rlim_max {

@@ -112,12 +112,7 @@ impl Timers {
 
     /// The earliest armed deadline.
     pub(crate) fn next_deadline(&self) -> Option<Instant> {
-        let ms = self
-            .head
-            .iter()
-            .filter(|&&h| h != NIL)
-            .map(|&h| self.links[h as usize].deadline)
-            .min()?;
+        let ms = self.head.iter().filter(|&&h| h != NIL).map(|&h| self.links[h as usize].deadline).min()?;
         Some(self.base + Duration::from_millis(ms))
     }
 

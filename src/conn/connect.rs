@@ -108,7 +108,13 @@ pub(crate) fn start(
 
 /// RFC 1928 §6: on success BND.ADDR/BND.PORT are the address the server
 /// connected from.
-fn connected(up: TcpStream, carry: Carry, client: &mut TcpStream, ready: &mut Ready, ctx: &mut Ctx<'_>) -> (State, Flow) {
+fn connected(
+    up: TcpStream,
+    carry: Carry,
+    client: &mut TcpStream,
+    ready: &mut Ready,
+    ctx: &mut Ctx<'_>,
+) -> (State, Flow) {
     let _ = up.set_nodelay(true);
     let Ok(bnd) = up.local_addr() else {
         ctx.pool.put(carry.buf);

@@ -4,8 +4,7 @@
 use super::{Carry, Ctx, Flow, Ready, State, connect, fail, reject, send};
 use crate::buf::{Buf, Io, read};
 use crate::proto::{
-    Addr, Command, HTTP_400, Method, Reply, Sniff, Status, encode_method, parse_greeting, parse_request,
-    sniff,
+    Addr, Command, HTTP_400, Method, Reply, Sniff, Status, encode_method, parse_greeting, parse_request, sniff,
 };
 use crate::resolver::Job;
 use crate::timer::Kind;

@@ -90,7 +90,9 @@ pub(crate) struct Carry {
 pub(crate) enum State {
     Handshake(Handshake),
     /// Waiting for the resolver's answer.
-    Resolving { carry: Carry },
+    Resolving {
+        carry: Carry,
+    },
     Connecting(connect::Connecting),
     Relaying(Relay),
     Closed,
@@ -100,13 +102,15 @@ pub(crate) struct Conn {
     pub id: u32,
     pub client: TcpStream,
     pub ready: Ready,
+    /// Has a turn queued in the loop's deferred list.
+    pub deferred: bool,
     state: State,
 }
 
 impl Conn {
     pub(crate) fn new(id: u32, client: TcpStream, pool: &mut Pool) -> Conn {
         let state = State::Handshake(Handshake::new(pool.handshake()));
-        Conn { id, client, ready: Ready::default(), state }
+        Conn { id, client, ready: Ready::default(), deferred: false, state }
     }
 
     /// Runs the state machine until it waits for an event.
@@ -138,7 +142,9 @@ impl Conn {
             return Step::Wait;
         };
         let (state, flow) = match addrs {
-            Ok(list) => connect::start(Addrs::List { list, next: 0 }, carry, None, &mut self.client, &mut self.ready, ctx),
+            Ok(list) => {
+                connect::start(Addrs::List { list, next: 0 }, carry, None, &mut self.client, &mut self.ready, ctx)
+            }
             Err(e) => (State::Resolving { carry }, Flow::Close(fail(&mut self.client, Reply::from_io(&e)))),
         };
         self.state = state;

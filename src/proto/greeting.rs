@@ -12,11 +12,7 @@ impl Greeting<'_> {
     /// The first of `preferred` (in the server's order) that the client
     /// offers, or [`Method::NoAcceptable`].
     pub fn choose(&self, preferred: &[Method]) -> Method {
-        preferred
-            .iter()
-            .copied()
-            .find(|m| self.methods.contains(&(*m as u8)))
-            .unwrap_or(Method::NoAcceptable)
+        preferred.iter().copied().find(|m| self.methods.contains(&(*m as u8))).unwrap_or(Method::NoAcceptable)
     }
 }
 

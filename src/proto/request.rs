@@ -27,9 +27,7 @@ pub fn parse_request(buf: &[u8]) -> Result<Status<Request<'_>>, ProtoError> {
         return Ok(Status::Partial);
     };
     Ok(match Addr::parse(tail)? {
-        Status::Complete((addr, port), n) => {
-            Status::Complete(Request { command, addr, port }, 3 + n)
-        }
+        Status::Complete((addr, port), n) => Status::Complete(Request { command, addr, port }, 3 + n),
         Status::Partial => Status::Partial,
     })
 }
@@ -75,9 +73,7 @@ mod tests {
 
     #[test]
     fn fields() {
-        let Ok(Status::Complete(r, _)) = parse_request(&[5, 1, 0, 1, 127, 0, 0, 1, 0, 80]) else {
-            panic!()
-        };
+        let Ok(Status::Complete(r, _)) = parse_request(&[5, 1, 0, 1, 127, 0, 0, 1, 0, 80]) else { panic!() };
         assert_eq!(r, Request { command: Command::Connect, addr: Addr::V4(Ipv4Addr::LOCALHOST), port: 80 });
     }
 

@@ -12,9 +12,8 @@ pub enum Sniff {
     Other,
 }
 
-const HTTP_METHODS: [&[u8]; 9] = [
-    b"GET ", b"POST ", b"HEAD ", b"PUT ", b"DELETE ", b"CONNECT ", b"OPTIONS ", b"PATCH ", b"TRACE ",
-];
+const HTTP_METHODS: [&[u8]; 9] =
+    [b"GET ", b"POST ", b"HEAD ", b"PUT ", b"DELETE ", b"CONNECT ", b"OPTIONS ", b"PATCH ", b"TRACE "];
 
 /// The answer to an HTTP request on the SOCKS port.
 pub const HTTP_400: &[u8] = b"HTTP/1.1 400 Bad Request\r\n\
