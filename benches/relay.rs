@@ -1,1 +1,498 @@
-fn main() {}
+//! slabsocks against the direct connection and the proxies users pick
+//! instead, in one run, on loopback.
+//!
+//! `cargo bench` (release build). Each proxy runs as its own process pinned
+//! to CPU 1; the load generator and the target servers run in this process,
+//! pinned to CPU 0. Every measurement is repeated (rounds rotate the order
+//! of the targets) and reported as median [min–max] with the ratio of the
+//! medians to the direct connection. Peers missing from the machine
+//! (`apt-get install microsocks dante-server`) are skipped with a note.
+//!
+//! Environment: SLABSOCKS_BENCH_ROUNDS (3), SLABSOCKS_BENCH_MB (256 MiB per
+//! throughput run), SLABSOCKS_BENCH_IDLE (3000 idle sessions for memory),
+//! SLABSOCKS_BENCH_ONLY (comma-separated target names).
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+fn env_num(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// Pins the calling thread (and threads it spawns later) to one CPU.
+fn pin(cpu: usize) {
+    // SAFETY: cpu_set_t is plain data; CPU_ZERO/CPU_SET write within it and
+    // sched_setaffinity reads it through a valid pointer of the right size.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_ZERO(&mut set);
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+// ---------------------------------------------------------------- targets
+
+struct Target {
+    name: &'static str,
+    /// None: the direct connection.
+    proxy: Option<SocketAddr>,
+    child: Option<Child>,
+    _dir: Option<String>,
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.child {
+            // SAFETY: kill(2) on the pid of a child we started.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let end = Instant::now() + Duration::from_secs(3);
+            while Instant::now() < end {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn spawn_pinned(cmd: &mut Command) -> std::io::Result<Child> {
+    // SAFETY: the closure only calls sched_setaffinity, which is
+    // async-signal-safe, between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            pin(1);
+            Ok(())
+        });
+    }
+    cmd.stdin(Stdio::null()).stdout(Stdio::null()).spawn()
+}
+
+fn wait_listening(addr: SocketAddr) -> bool {
+    let end = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < end {
+        if TcpStream::connect(addr).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+fn start_target(name: &'static str) -> Result<Target, String> {
+    let port = free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let (child, dir) = match name {
+        "direct" => return Ok(Target { name, proxy: None, child: None, _dir: None }),
+        "slabsocks" => {
+            let mut cmd = Command::new(env!("CARGO_BIN_EXE_slabsocks"));
+            cmd.args(["--listen", &addr.to_string(), "--log-level", "warn"]).stderr(Stdio::inherit());
+            (spawn_pinned(&mut cmd).map_err(|e| e.to_string())?, None)
+        }
+        "microsocks" => {
+            let mut cmd = Command::new("microsocks");
+            cmd.args(["-i", "127.0.0.1", "-p", &port.to_string()]).stderr(Stdio::null());
+            (spawn_pinned(&mut cmd).map_err(|e| format!("microsocks: {e}"))?, None)
+        }
+        "dante" => {
+            let dir = std::env::temp_dir().join(format!("slabsocks-bench-dante-{port}"));
+            std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+            let conf = dir.join("danted.conf");
+            std::fs::write(
+                &conf,
+                format!(
+                    "logoutput: /dev/null\ninternal: 127.0.0.1 port = {port}\nexternal: 127.0.0.1\n\
+                     socksmethod: none\nclientmethod: none\nuser.privileged: root\nuser.unprivileged: nobody\n\
+                     client pass {{ from: 127.0.0.0/8 to: 0.0.0.0/0 }}\nsocks pass {{ from: 127.0.0.0/8 to: 0.0.0.0/0 }}\n"
+                ),
+            )
+            .map_err(|e| e.to_string())?;
+            let mut cmd = Command::new("danted");
+            cmd.args(["-f", conf.to_str().unwrap_or_default(), "-N", "1"]).stderr(Stdio::null());
+            (spawn_pinned(&mut cmd).map_err(|e| format!("danted: {e}"))?, Some(dir.to_string_lossy().into_owned()))
+        }
+        other => return Err(format!("unknown target {other}")),
+    };
+    let t = Target { name, proxy: Some(addr), child: Some(child), _dir: dir };
+    if !wait_listening(addr) {
+        return Err(format!("{name} did not start listening"));
+    }
+    Ok(t)
+}
+
+// ------------------------------------------------------------ the client
+
+/// A SOCKS5 CONNECT as curl makes it: greeting, then request, two round trips.
+fn dial(via: Option<SocketAddr>, target: SocketAddr) -> std::io::Result<TcpStream> {
+    let Some(proxy) = via else {
+        let s = TcpStream::connect(target)?;
+        s.set_nodelay(true)?;
+        return Ok(s);
+    };
+    let mut s = TcpStream::connect(proxy)?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.write_all(&[5, 1, 0])?;
+    let mut m = [0u8; 2];
+    s.read_exact(&mut m)?;
+    let SocketAddr::V4(t) = target else { unreachable!("bench targets are IPv4") };
+    let mut req = vec![5, 1, 0, 1];
+    req.extend_from_slice(&t.ip().octets());
+    req.extend_from_slice(&t.port().to_be_bytes());
+    s.write_all(&req)?;
+    let mut head = [0u8; 4];
+    s.read_exact(&mut head)?;
+    if m != [5, 0] || head[1] != 0 {
+        return Err(std::io::Error::other(format!("proxy refused: {m:?} {head:?}")));
+    }
+    let rest = match head[3] {
+        1 => 6,
+        4 => 18,
+        _ => return Err(std::io::Error::other("odd BND type")),
+    };
+    let mut bnd = [0u8; 18];
+    s.read_exact(&mut bnd[..rest])?;
+    s.set_read_timeout(None)?;
+    Ok(s)
+}
+
+// ------------------------------------------------------------- servers
+
+fn listener() -> (TcpListener, SocketAddr) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let a = l.local_addr().unwrap();
+    (l, a)
+}
+
+/// Reads an 8-byte length and that many bytes, then answers one byte.
+/// (Not "until EOF": microsocks drops the whole connection on a half-close.)
+fn sink_server() -> SocketAddr {
+    let (l, a) = listener();
+    std::thread::spawn(move || {
+        for mut s in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut len = [0u8; 8];
+                if s.read_exact(&mut len).is_err() {
+                    return;
+                }
+                let mut left = u64::from_be_bytes(len) as usize;
+                let mut buf = vec![0u8; 256 * 1024];
+                while left > 0 {
+                    match s.read(&mut buf[..left.min(256 * 1024)]) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => left -= n,
+                    }
+                }
+                let _ = s.write_all(b"k");
+            });
+        }
+    });
+    a
+}
+
+/// Echoes until EOF.
+fn echo_server() -> SocketAddr {
+    let (l, a) = listener();
+    std::thread::spawn(move || {
+        for mut s in l.incoming().flatten() {
+            let _ = s.set_nodelay(true);
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 || s.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    a
+}
+
+/// `threads` acceptors: each reads 64 bytes, echoes them and closes first
+/// (so TIME_WAIT lands on the server side, not on client ports).
+fn echo64_server(threads: usize) -> SocketAddr {
+    let (l, a) = listener();
+    for _ in 0..threads {
+        let l = l.try_clone().unwrap();
+        std::thread::spawn(move || {
+            for mut s in l.incoming().flatten() {
+                let mut b = [0u8; 64];
+                if s.read_exact(&mut b).is_ok() {
+                    let _ = s.write_all(&b);
+                }
+            }
+        });
+    }
+    a
+}
+
+/// Accepts and holds every connection (one thread, for thousands).
+fn hold_server() -> (SocketAddr, Arc<Mutex<Vec<TcpStream>>>) {
+    let (l, a) = listener();
+    let held = Arc::new(Mutex::new(Vec::new()));
+    let h = Arc::clone(&held);
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            h.lock().unwrap().push(s);
+        }
+    });
+    (a, held)
+}
+
+// --------------------------------------------------------- measurements
+
+fn throughput(via: Option<SocketAddr>, sink: SocketAddr, bytes: usize) -> f64 {
+    let mut s = dial(via, sink).expect("dial sink");
+    let chunk = vec![0x42u8; 128 * 1024];
+    let t0 = Instant::now();
+    s.write_all(&(bytes as u64).to_be_bytes()).expect("send");
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(chunk.len());
+        s.write_all(&chunk[..n]).expect("send");
+        left -= n;
+    }
+    let mut k = [0u8; 1];
+    s.read_exact(&mut k).expect("sink ack");
+    (bytes as f64 * 8.0) / t0.elapsed().as_secs_f64() / 1e9
+}
+
+const RATE_CLIENTS: usize = 8;
+
+/// Sessions per second: RATE_CLIENTS clients each connect, handshake, echo
+/// 64 bytes and close, for `secs`.
+fn session_rate(via: Option<SocketAddr>, echo64: SocketAddr, secs: f64) -> (f64, u64) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let (done, errors) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let t0 = Instant::now();
+    let threads: Vec<_> = (0..RATE_CLIENTS)
+        .map(|_| {
+            let (stop, done, errors) = (Arc::clone(&stop), Arc::clone(&done), Arc::clone(&errors));
+            std::thread::spawn(move || {
+                let msg = [7u8; 64];
+                while !stop.load(Ordering::Relaxed) {
+                    let ok = dial(via, echo64).and_then(|mut s| {
+                        s.write_all(&msg)?;
+                        let mut b = [0u8; 64];
+                        s.read_exact(&mut b)
+                    });
+                    match ok {
+                        Ok(()) => done.fetch_add(1, Ordering::Relaxed),
+                        Err(_) => errors.fetch_add(1, Ordering::Relaxed),
+                    };
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs_f64(secs));
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        let _ = t.join();
+    }
+    (done.load(Ordering::Relaxed) as f64 / t0.elapsed().as_secs_f64(), errors.load(Ordering::Relaxed))
+}
+
+/// 1-byte round trips: (p50, p99) in microseconds.
+fn latency(via: Option<SocketAddr>, echo: SocketAddr, n: usize) -> (f64, f64) {
+    let mut s = dial(via, echo).expect("dial echo");
+    let mut rtts = Vec::with_capacity(n);
+    let mut b = [1u8; 1];
+    for _ in 0..n {
+        let t0 = Instant::now();
+        s.write_all(&b).unwrap();
+        s.read_exact(&mut b).unwrap();
+        rtts.push(t0.elapsed().as_secs_f64() * 1e6);
+    }
+    rtts.sort_by(f64::total_cmp);
+    (rtts[n / 2], rtts[n * 99 / 100])
+}
+
+/// Proportional set size of a process and its descendants, in KiB.
+fn tree_pss_kib(root: u32) -> u64 {
+    let mut pids = vec![root];
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for e in dir.flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let ppid = stat.rsplit(')').next().and_then(|r| r.split_whitespace().nth(1)).and_then(|p| p.parse().ok());
+            if ppid == Some(root) {
+                pids.push(pid);
+            }
+        }
+    }
+    pids.iter()
+        .map(|pid| {
+            let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+            text.lines()
+                .find(|l| l.starts_with("Pss:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        })
+        .sum()
+}
+
+/// Bytes of proxy memory per idle relaying session, at `n` sessions.
+fn memory_per_session(t: &Target, n: usize) -> Option<f64> {
+    let (proxy, pid) = (t.proxy?, t.child.as_ref()?.id());
+    let (hold, held) = hold_server();
+    // Warm: the first sessions pay for one-off set-up (pools, threads).
+    let warm: Vec<_> = (0..16).filter_map(|_| dial(Some(proxy), hold).ok()).collect();
+    drop(warm);
+    std::thread::sleep(Duration::from_millis(300));
+    let before = tree_pss_kib(pid);
+    let mut clients = Vec::with_capacity(n);
+    for _ in 0..n {
+        match dial(Some(proxy), hold) {
+            Ok(mut s) => {
+                let _ = s.write_all(b"x");
+                clients.push(s);
+            }
+            Err(e) => {
+                eprintln!("  {}: session {} failed: {e}", t.name, clients.len());
+                break;
+            }
+        }
+    }
+    // Let every byte cross, so each session has relayed and is idle again.
+    let end = Instant::now() + Duration::from_secs(10);
+    while held.lock().unwrap().len() < clients.len() && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for s in held.lock().unwrap().iter_mut() {
+        let _ = s.write_all(b"y");
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let after = tree_pss_kib(pid);
+    let opened = clients.len();
+    drop(clients);
+    held.lock().unwrap().clear();
+    std::thread::sleep(Duration::from_millis(500));
+    (opened > 0).then(|| (after.saturating_sub(before) as f64 * 1024.0) / opened as f64)
+}
+
+// ------------------------------------------------------------- report
+
+#[derive(Default)]
+struct Samples(Vec<f64>);
+
+impl Samples {
+    fn median(&self) -> f64 {
+        let mut v = self.0.clone();
+        v.sort_by(f64::total_cmp);
+        if v.is_empty() { f64::NAN } else { v[v.len() / 2] }
+    }
+    fn show(&self, prec: usize) -> String {
+        if self.0.is_empty() {
+            return "-".into();
+        }
+        let min = self.0.iter().copied().fold(f64::INFINITY, f64::min);
+        let max = self.0.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        format!("{:.p$} [{:.p$}–{:.p$}]", self.median(), min, max, p = prec)
+    }
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|| "unknown CPU".into());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    format!("{cores} cores, {cpu}, kernel {}", kernel.trim())
+}
+
+fn main() {
+    // `cargo test --all-targets` runs this binary without --bench: do nothing.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("relay bench: run with `cargo bench`");
+        return;
+    }
+    let rounds = env_num("SLABSOCKS_BENCH_ROUNDS", 3);
+    let mib = env_num("SLABSOCKS_BENCH_MB", 256);
+    let idle = env_num("SLABSOCKS_BENCH_IDLE", 3000);
+    let only = std::env::var("SLABSOCKS_BENCH_ONLY").ok();
+    println!("machine: {}", machine());
+    pin(0);
+    println!("load generator and servers on CPU 0, each proxy on CPU 1; {rounds} rounds, order rotated");
+
+    let mut targets = Vec::new();
+    for name in ["direct", "slabsocks", "microsocks", "dante"] {
+        if only.as_deref().is_some_and(|o| !o.split(',').any(|n| n == name)) {
+            continue;
+        }
+        match start_target(name) {
+            Ok(t) => targets.push(t),
+            Err(e) => println!("skipping {name}: {e}"),
+        }
+    }
+    let (sink, echo, echo64) = (sink_server(), echo_server(), echo64_server(RATE_CLIENTS * 2));
+    let n = targets.len();
+    let mut tput: Vec<Samples> = (0..n).map(|_| Samples::default()).collect();
+    let mut rate: Vec<Samples> = (0..n).map(|_| Samples::default()).collect();
+    let mut p50: Vec<Samples> = (0..n).map(|_| Samples::default()).collect();
+    let mut p99: Vec<Samples> = (0..n).map(|_| Samples::default()).collect();
+    let mut errs = vec![0u64; n];
+    for round in 0..rounds {
+        for k in 0..n {
+            let i = (k + round) % n;
+            let via = targets[i].proxy;
+            eprintln!("  {}", targets[i].name);
+            tput[i].0.push(throughput(via, sink, mib << 20));
+            let (r, e) = session_rate(via, echo64, 1.5);
+            rate[i].0.push(r);
+            errs[i] += e;
+            let (a, b) = latency(via, echo, 5000);
+            p50[i].0.push(a);
+            p99[i].0.push(b);
+        }
+        eprintln!("round {} of {rounds} done", round + 1);
+    }
+    let mem: Vec<Option<f64>> = targets.iter().map(|t| memory_per_session(t, idle)).collect();
+
+    println!();
+    println!(
+        "{:<11} {:>26} {:>26} {:>24} {:>24} {:>12}",
+        "", "throughput Gbit/s", "sessions/s", "RTT p50 µs", "RTT p99 µs", "B/idle sess"
+    );
+    for (i, t) in targets.iter().enumerate() {
+        println!(
+            "{:<11} {:>26} {:>26} {:>24} {:>24} {:>12}",
+            t.name,
+            tput[i].show(2),
+            rate[i].show(0),
+            p50[i].show(1),
+            p99[i].show(1),
+            mem[i].map_or("-".into(), |m| format!("{m:.0}")),
+        );
+    }
+    println!();
+    println!("ratios of medians to direct (throughput and rate: higher is better; latency: lower is better)");
+    for (i, t) in targets.iter().enumerate() {
+        println!(
+            "{:<11} throughput {:.2}  sessions/s {:.2}  p50 {:.2}  p99 {:.2}{}",
+            t.name,
+            tput[i].median() / tput[0].median(),
+            rate[i].median() / rate[0].median(),
+            p50[i].median() / p50[0].median(),
+            p99[i].median() / p99[0].median(),
+            if errs[i] > 0 { format!("  ({} failed sessions)", errs[i]) } else { String::new() },
+        );
+    }
+}
