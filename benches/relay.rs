@@ -10,7 +10,8 @@
 //!
 //! Environment: SLABSOCKS_BENCH_ROUNDS (3), SLABSOCKS_BENCH_MB (256 MiB per
 //! throughput run), SLABSOCKS_BENCH_IDLE (3000 idle sessions for memory),
-//! SLABSOCKS_BENCH_ONLY (comma-separated target names).
+//! SLABSOCKS_BENCH_ONLY (comma-separated target names), SLABSOCKS_BENCH_ARGS
+//! (extra slabsocks flags, e.g. "--buffer-size 64k").
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -99,6 +100,8 @@ fn start_target(name: &'static str) -> Result<Target, String> {
         "slabsocks" => {
             let mut cmd = Command::new(env!("CARGO_BIN_EXE_slabsocks"));
             cmd.args(["--listen", &addr.to_string(), "--log-level", "warn"]).stderr(Stdio::inherit());
+            let extra = std::env::var("SLABSOCKS_BENCH_ARGS").unwrap_or_default();
+            cmd.args(extra.split_whitespace());
             (spawn_pinned(&mut cmd).map_err(|e| e.to_string())?, None)
         }
         "microsocks" => {

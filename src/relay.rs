@@ -113,7 +113,7 @@ pub(crate) struct Relay {
 impl Relay {
     /// `carry`: client bytes that came with the request, sent first.
     pub(crate) fn new(up: TcpStream, carry: Carry) -> Relay {
-        let tx = Half { buf: Some(carry.buf), start: carry.start as u32, end: carry.end as u32, ..Half::empty() };
+        let tx = Half { buf: Some(carry.buf), start: carry.start, end: carry.end, ..Half::empty() };
         Relay { up, tx, rx: Half::empty() }
     }
 

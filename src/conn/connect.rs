@@ -15,8 +15,8 @@ use std::net::SocketAddr;
 pub(crate) enum Addrs {
     /// An IP destination: no list to allocate.
     One(Option<SocketAddr>),
-    /// A resolved name.
-    List { list: Vec<SocketAddr>, next: usize },
+    /// A resolved name's addresses, in reverse (the next is last).
+    List(Vec<SocketAddr>),
 }
 
 impl Addrs {
@@ -24,14 +24,16 @@ impl Addrs {
         Addrs::One(Some(addr))
     }
 
+    /// Addresses to try in the order given.
+    pub(crate) fn list(mut addrs: Vec<SocketAddr>) -> Addrs {
+        addrs.reverse();
+        Addrs::List(addrs)
+    }
+
     fn next(&mut self) -> Option<SocketAddr> {
         match self {
             Addrs::One(a) => a.take(),
-            Addrs::List { list, next } => {
-                let a = list.get(*next).copied();
-                *next += 1;
-                a
-            }
+            Addrs::List(list) => list.pop(),
         }
     }
 }
@@ -128,7 +130,8 @@ fn connected(
     }
     log::debug!("#{} connected from {bnd}", ctx.key);
     ctx.timers.set(ctx.key, Kind::Idle, ctx.now);
-    // Either socket may have become ready while we were not reading it.
-    ready.set(Ready::CLIENT_R | Ready::UP_R);
+    // Either socket may have become ready while we were not using it; a
+    // wrong guess costs one WouldBlock.
+    ready.set(Ready::CLIENT_R | Ready::CLIENT_W | Ready::UP_R | Ready::UP_W);
     (State::Relaying(Relay::new(up, carry)), Flow::Continue)
 }

@@ -96,7 +96,7 @@ impl Handshake {
                             (None, Addr::Domain(d)) => std::str::from_utf8(d).ok().map(str::to_owned),
                             _ => None,
                         };
-                        let carry = Carry { buf: self.buf, start: n, end: self.len };
+                        let carry = Carry { buf: self.buf, start: n as u32, end: self.len as u32 };
                         return match target {
                             Some(addr) => connect::start(connect::Addrs::one(addr), carry, None, client, ready, ctx),
                             None => resolve(host, port, carry, client, ctx),
