@@ -231,8 +231,28 @@ fn pipelined_greeting_request_and_payload() {
     s.read_exact(&mut m).unwrap();
     assert_eq!(m, [5, 0]);
     assert_eq!(read_reply(&mut s).unwrap().0, 0);
-    s.shutdown(Shutdown::Write).unwrap();
-    assert_eq!(read_to_end(&mut s), payload);
+    // Nothing more is sent until the payload is back: no later event may
+    // be needed to forward it.
+    let mut back = vec![0u8; payload.len()];
+    s.read_exact(&mut back).unwrap();
+    assert_eq!(back, payload);
+}
+
+/// Server-speaks-first protocols (SMTP, SSH): the banner may arrive with
+/// the connect completion and must be relayed without a client event.
+#[test]
+fn upstream_speaks_first() {
+    let proxy = Proxy::start();
+    let upstream = serve("127.0.0.1:0", |mut s| {
+        s.write_all(b"220 ready\r\n").unwrap();
+        let _ = read_to_end(&mut s);
+    });
+    for _ in 0..20 {
+        let mut s = open(proxy.addr, upstream);
+        let mut banner = [0u8; 11];
+        s.read_exact(&mut banner).unwrap();
+        assert_eq!(&banner, b"220 ready\r\n");
+    }
 }
 
 #[test]

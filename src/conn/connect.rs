@@ -68,7 +68,7 @@ impl Connecting {
         };
         let Connecting { up, addrs, carry } = self;
         match done {
-            Ok(()) => connected(up, carry, client, ready, ctx),
+            Ok(()) => connected(up, carry, client, ctx),
             Err(e) => {
                 log::debug!("#{} connect failed: {e}", ctx.key);
                 drop(up);
@@ -110,13 +110,7 @@ pub(crate) fn start(
 
 /// RFC 1928 §6: on success BND.ADDR/BND.PORT are the address the server
 /// connected from.
-fn connected(
-    up: TcpStream,
-    carry: Carry,
-    client: &mut TcpStream,
-    ready: &mut Ready,
-    ctx: &mut Ctx<'_>,
-) -> (State, Flow) {
+fn connected(up: TcpStream, carry: Carry, client: &mut TcpStream, ctx: &mut Ctx<'_>) -> (State, Flow) {
     let _ = up.set_nodelay(true);
     let Ok(bnd) = up.local_addr() else {
         ctx.pool.put(carry.buf);
@@ -130,8 +124,7 @@ fn connected(
     }
     log::debug!("#{} connected from {bnd}", ctx.key);
     ctx.timers.set(ctx.key, Kind::Idle, ctx.now);
-    // Either socket may have become ready while we were not using it; a
-    // wrong guess costs one WouldBlock.
-    ready.set(Ready::CLIENT_R | Ready::CLIENT_W | Ready::UP_R | Ready::UP_W);
+    // The readiness bits are current: events kept setting them while we
+    // waited. Relay at once: a payload may already be buffered.
     (State::Relaying(Relay::new(up, carry)), Flow::Continue)
 }
