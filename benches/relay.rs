@@ -325,18 +325,8 @@ fn latency(via: Option<SocketAddr>, echo: SocketAddr, n: usize) -> (f64, f64) {
 
 /// Proportional set size of a process and its descendants, in KiB.
 fn tree_pss_kib(root: u32) -> u64 {
-    let mut pids = vec![root];
-    if let Ok(dir) = std::fs::read_dir("/proc") {
-        for e in dir.flatten() {
-            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            let ppid = stat.rsplit(')').next().and_then(|r| r.split_whitespace().nth(1)).and_then(|p| p.parse().ok());
-            if ppid == Some(root) {
-                pids.push(pid);
-            }
-        }
-    }
-    pids.iter()
+    tree(root)
+        .iter()
         .map(|pid| {
             let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
             text.lines()
@@ -385,6 +375,54 @@ fn memory_per_session(t: &Target, n: usize) -> Option<f64> {
     held.lock().unwrap().clear();
     std::thread::sleep(Duration::from_millis(500));
     (opened > 0).then(|| (after.saturating_sub(before) as f64 * 1024.0) / opened as f64)
+}
+
+/// Pids of a process and its children.
+fn tree(root: u32) -> Vec<u32> {
+    let mut pids = vec![root];
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for e in dir.flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let ppid = stat.rsplit(')').next().and_then(|r| r.split_whitespace().nth(1)).and_then(|p| p.parse().ok());
+            if ppid == Some(root) {
+                pids.push(pid);
+            }
+        }
+    }
+    pids
+}
+
+/// System calls the proxy makes per session (connect, handshake, 64-byte
+/// echo, close), counted by `strace -c -f` over `n` sequential sessions.
+/// A count, not a time: it does not depend on how busy the machine is.
+fn syscalls_per_session(t: &Target, echo64: SocketAddr, n: usize) -> Option<f64> {
+    let (proxy, pid) = (t.proxy?, t.child.as_ref()?.id());
+    let out = std::env::temp_dir().join(format!("slabsocks-bench-strace-{pid}"));
+    let mut cmd = Command::new("strace");
+    cmd.args(["-c", "-f", "-o"]).arg(&out);
+    for p in tree(pid) {
+        cmd.args(["-p", &p.to_string()]);
+    }
+    let mut strace = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().ok()?;
+    std::thread::sleep(Duration::from_millis(500));
+    let mut ok = 0;
+    for _ in 0..n {
+        let r = dial(Some(proxy), echo64).and_then(|mut s| {
+            s.write_all(&[7u8; 64])?;
+            let mut b = [0u8; 64];
+            s.read_exact(&mut b)
+        });
+        ok += usize::from(r.is_ok());
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    // SAFETY: kill(2) on the pid of a child we started.
+    unsafe { libc::kill(strace.id() as i32, libc::SIGINT) };
+    let _ = strace.wait();
+    let text = std::fs::read_to_string(&out).ok()?;
+    let _ = std::fs::remove_file(&out);
+    let total: f64 = text.lines().find(|l| l.contains(" total"))?.split_whitespace().nth(3)?.parse().ok()?;
+    (ok > 0).then(|| total / ok as f64)
 }
 
 // ------------------------------------------------------------- report
@@ -468,21 +506,28 @@ fn main() {
         eprintln!("round {} of {rounds} done", round + 1);
     }
     let mem: Vec<Option<f64>> = targets.iter().map(|t| memory_per_session(t, idle)).collect();
+    let has_strace = Command::new("strace").arg("-V").stdout(Stdio::null()).status().is_ok_and(|s| s.success());
+    let sys: Vec<Option<f64>> =
+        targets.iter().map(|t| if has_strace { syscalls_per_session(t, echo64, 500) } else { None }).collect();
+    if !has_strace {
+        println!("strace not installed: no system call counts");
+    }
 
     println!();
     println!(
-        "{:<11} {:>26} {:>26} {:>24} {:>24} {:>12}",
-        "", "throughput Gbit/s", "sessions/s", "RTT p50 µs", "RTT p99 µs", "B/idle sess"
+        "{:<11} {:>22} {:>22} {:>20} {:>22} {:>12} {:>14}",
+        "", "throughput Gbit/s", "sessions/s", "RTT p50 µs", "RTT p99 µs", "B/idle sess", "syscalls/sess"
     );
     for (i, t) in targets.iter().enumerate() {
         println!(
-            "{:<11} {:>26} {:>26} {:>24} {:>24} {:>12}",
+            "{:<11} {:>22} {:>22} {:>20} {:>22} {:>12} {:>14}",
             t.name,
             tput[i].show(2),
             rate[i].show(0),
             p50[i].show(1),
             p99[i].show(1),
             mem[i].map_or("-".into(), |m| format!("{m:.0}")),
+            sys[i].map_or("-".into(), |m| format!("{m:.1}")),
         );
     }
     println!();

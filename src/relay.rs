@@ -40,12 +40,19 @@ impl Half {
 
     /// One read (if there is room and the source may have data) and one
     /// write (if there are bytes and the destination may take them).
+    /// `last`: the other direction has ended, so this one ending ends the
+    /// session, and closing the socket sends the FIN.
+    ///
+    /// A short read means the socket was drained, and a short write that its
+    /// buffer is full: both clear the readiness bit at once, saving the
+    /// `EAGAIN` round trip (epoll raises a new edge for any later arrival).
     fn pass(
         &mut self,
         src: &mut TcpStream,
         dst: &mut TcpStream,
         ready: &mut Ready,
         bits: (u8, u8),
+        last: bool,
         pool: &mut Pool,
     ) -> Pass {
         let (src_r, dst_w) = bits;
@@ -53,8 +60,13 @@ impl Half {
         let room = self.buf.as_ref().is_none_or(|b| (self.end as usize) < b.len());
         if !self.eof && room && ready.has(src_r) {
             let buf = self.buf.get_or_insert_with(|| pool.relay());
-            match read(src, &mut buf[self.end as usize..]) {
+            let room = &mut buf[self.end as usize..];
+            let want = room.len();
+            match read(src, room) {
                 Io::Done(n) => {
+                    if n < want {
+                        ready.short_read(src_r);
+                    }
                     self.end += n as u32;
                     moved = true;
                 }
@@ -75,6 +87,9 @@ impl Half {
         {
             match write(dst, &buf[self.start as usize..self.end as usize]) {
                 Io::Done(n) => {
+                    if n < (self.end - self.start) as usize {
+                        ready.clear(dst_w);
+                    }
                     self.start += n as u32;
                     moved = true;
                 }
@@ -93,8 +108,10 @@ impl Half {
             (self.start, self.end) = (0, 0);
         }
         if self.eof && self.buf.is_none() && !self.shut {
-            // The peer may already be gone; the session ends on its own then.
-            let _ = dst.shutdown(Shutdown::Write);
+            if !last {
+                // The peer may already be gone; the session ends on its own then.
+                let _ = dst.shutdown(Shutdown::Write);
+            }
             self.shut = true;
             moved = true;
         }
@@ -121,8 +138,8 @@ impl Relay {
         let mut moved = false;
         let mut budget = BUDGET;
         let flow = loop {
-            let tx = self.tx.pass(client, &mut self.up, ready, (Ready::CLIENT_R, Ready::UP_W), ctx.pool);
-            let rx = self.rx.pass(&mut self.up, client, ready, (Ready::UP_R, Ready::CLIENT_W), ctx.pool);
+            let tx = self.tx.pass(client, &mut self.up, ready, (Ready::CLIENT_R, Ready::UP_W), self.rx.shut, ctx.pool);
+            let rx = self.rx.pass(&mut self.up, client, ready, (Ready::UP_R, Ready::CLIENT_W), self.tx.shut, ctx.pool);
             match (tx, rx) {
                 (Pass::Failed(why), _) | (_, Pass::Failed(why)) => break Flow::Close(why),
                 (Pass::Idle, Pass::Idle) => break Flow::Wait,

@@ -3,7 +3,7 @@
 
 use crate::buf::Pool;
 use crate::config::Config;
-use crate::conn::{Conn, Ctx, Step};
+use crate::conn::{Conn, Ctx, Ready, Step};
 use crate::resolver::{Answer, Resolver};
 use crate::sys;
 use crate::timer::Timers;
@@ -270,15 +270,7 @@ impl Loop {
                 } else if let Some(i) = listener_index(t) {
                     self.accept(i);
                 } else {
-                    let mut bits = 0;
-                    let client = split(t).2 == crate::server::Role::Client;
-                    if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
-                        bits |= if client { crate::conn::Ready::CLIENT_R } else { crate::conn::Ready::UP_R };
-                    }
-                    if ev.is_writable() || ev.is_write_closed() || ev.is_error() {
-                        bits |= if client { crate::conn::Ready::CLIENT_W } else { crate::conn::Ready::UP_W };
-                    }
-                    self.session_event(t, bits, false);
+                    self.session_event(t, Ready::from_event(ev, split(t).2 == Role::Upstream), false);
                 }
             }
             self.run_deferred();

@@ -113,8 +113,16 @@ impl Handshake {
             if !ready.has(Ready::CLIENT_R) {
                 return (State::Handshake(self), Flow::Wait);
             }
-            match read(client, &mut self.buf[self.len..]) {
-                Io::Done(n) => self.len += n,
+            let room = &mut self.buf[self.len..];
+            let want = room.len();
+            match read(client, room) {
+                Io::Done(n) => {
+                    // A short read drained the socket (see relay.rs).
+                    if n < want {
+                        ready.short_read(Ready::CLIENT_R);
+                    }
+                    self.len += n;
+                }
                 Io::WouldBlock => {
                     ready.clear(Ready::CLIENT_R);
                     return (State::Handshake(self), Flow::Wait);

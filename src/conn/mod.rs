@@ -26,6 +26,9 @@ use handshake::Handshake;
 /// operation that answers `WouldBlock` clears its bit. Edge-triggered
 /// events come once, so a bit stays set while the socket may still have
 /// something for us, even when we stopped for want of buffer space.
+///
+/// Each read bit has a "hang-up" bit four places up: the peer's FIN (or an
+/// error) is already queued, so a short read has not drained the socket.
 #[derive(Debug, Default, Clone, Copy)]
 pub(crate) struct Ready(u8);
 
@@ -34,6 +37,30 @@ impl Ready {
     pub const CLIENT_W: u8 = 2;
     pub const UP_R: u8 = 4;
     pub const UP_W: u8 = 8;
+
+    /// The bits an event sets, for the client socket or the upstream one.
+    pub fn from_event(ev: &mio::event::Event, upstream: bool) -> u8 {
+        let hup = ev.is_read_closed() || ev.is_error();
+        let mut bits = 0;
+        if ev.is_readable() || hup {
+            bits |= Ready::CLIENT_R;
+        }
+        if hup {
+            bits |= Ready::CLIENT_R << 4;
+        }
+        if ev.is_writable() || ev.is_write_closed() || ev.is_error() {
+            bits |= Ready::CLIENT_W;
+        }
+        if upstream { bits << 2 } else { bits }
+    }
+
+    /// A read returned less than asked: the socket is drained, unless its
+    /// EOF is still queued behind the data.
+    pub fn short_read(&mut self, r_bit: u8) {
+        if !self.has(r_bit << 4) {
+            self.clear(r_bit);
+        }
+    }
 
     pub fn has(self, bit: u8) -> bool {
         self.0 & bit != 0
@@ -218,6 +245,18 @@ pub(crate) fn reject(client: &mut TcpStream) {
 
 #[cfg(test)]
 mod tests {
+    use super::Ready;
+
+    #[test]
+    fn short_read_clears_readiness_unless_eof_is_queued() {
+        let mut r = Ready::default();
+        r.set(Ready::CLIENT_R | Ready::UP_R);
+        r.short_read(Ready::CLIENT_R);
+        assert!(!r.has(Ready::CLIENT_R) && r.has(Ready::UP_R));
+        r.set(Ready::UP_R << 4);
+        r.short_read(Ready::UP_R);
+        assert!(r.has(Ready::UP_R), "a queued FIN still needs a read");
+    }
     /// Memory per connection is a design goal: the edge proxy holds tens of
     /// thousands of idle sessions, and this is most of what each costs us.
     #[test]
