@@ -23,9 +23,11 @@ mod conn;
 pub mod proto;
 mod relay;
 mod resolver;
+pub mod rules;
 mod server;
 pub mod sys;
 mod timer;
+pub mod users;
 
 pub use config::{Config, ConfigError, MAX_BUFFER_SIZE, MIN_BUFFER_SIZE};
 pub use server::{Handle, Server};

@@ -6,6 +6,7 @@
 //! write into a caller's buffer and return the length written.
 
 mod addr;
+mod auth;
 mod consts;
 mod greeting;
 mod reply;
@@ -13,6 +14,7 @@ mod request;
 mod sniff;
 
 pub use addr::Addr;
+pub use auth::{AUTH_VERSION, Credentials, encode_auth_reply, parse_auth};
 pub use consts::{Command, Method, Reply, VERSION, atyp};
 pub use greeting::{Greeting, encode_method, parse_greeting};
 pub use reply::{MAX_REPLY_LEN, ReplyFrame, encode_reply, parse_reply};
@@ -42,6 +44,8 @@ pub enum ProtoError {
     BadAddrType(u8),
     /// A domain name of length 0.
     EmptyDomain,
+    /// A username/password message whose version byte is not 1.
+    BadAuthVersion(u8),
 }
 
 impl ProtoError {
@@ -50,7 +54,7 @@ impl ProtoError {
     /// message that is not SOCKS5 at all).
     pub fn reply(self) -> Option<Reply> {
         match self {
-            ProtoError::BadVersion(_) | ProtoError::NoMethods => None,
+            ProtoError::BadVersion(_) | ProtoError::NoMethods | ProtoError::BadAuthVersion(_) => None,
             ProtoError::UnknownCommand(_) => Some(Reply::CommandNotSupported),
             ProtoError::BadAddrType(_) => Some(Reply::AddrTypeNotSupported),
             // A malformed request: RFC 1928 has no finer code than 0x01.
@@ -67,6 +71,7 @@ impl std::fmt::Display for ProtoError {
             ProtoError::UnknownCommand(c) => write!(f, "unknown command {c:#04x}"),
             ProtoError::BadAddrType(a) => write!(f, "unknown address type {a:#04x}"),
             ProtoError::EmptyDomain => f.write_str("empty domain name"),
+            ProtoError::BadAuthVersion(v) => write!(f, "username/password version {v} is not 1"),
         }
     }
 }
@@ -85,6 +90,7 @@ mod tests {
             (ProtoError::UnknownCommand(9), Some(Reply::CommandNotSupported)),
             (ProtoError::BadAddrType(2), Some(Reply::AddrTypeNotSupported)),
             (ProtoError::EmptyDomain, Some(Reply::GeneralFailure)),
+            (ProtoError::BadAuthVersion(5), None),
         ];
         for (err, want) in table {
             assert_eq!(err.reply(), want, "{err}");
