@@ -2,7 +2,9 @@
 
 use clap::Parser;
 use slabsocks::Config;
+use slabsocks::rules::{Cidr, DestRule, Rules};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// A SOCKS5 proxy server: one poll loop, fixed relay buffers.
@@ -36,6 +38,30 @@ pub struct Cli {
     /// off, error, warn, info, debug or trace.
     #[arg(long, value_name = "LEVEL", default_value = "info")]
     pub log_level: log::LevelFilter,
+    /// Require username/password login; one name:password per line (SIGHUP reloads).
+    #[arg(long, value_name = "FILE")]
+    pub users: Option<PathBuf>,
+    /// Clients in this range may skip login (repeatable; needs --users).
+    #[arg(long, value_name = "CIDR")]
+    pub auth_exempt: Vec<Cidr>,
+    /// Serve only clients in these ranges (repeatable).
+    #[arg(long, value_name = "CIDR")]
+    pub allow_client: Vec<Cidr>,
+    /// Allow only destinations matching a rule like 10.0.0.0/8:443 (repeatable).
+    #[arg(long, value_name = "CIDR[:PORTS]")]
+    pub allow_dest: Vec<DestRule>,
+    /// Deny destinations matching a rule like 192.0.2.0/24:8000-8999 (repeatable; wins over allow).
+    #[arg(long, value_name = "CIDR[:PORTS]")]
+    pub deny_dest: Vec<DestRule>,
+    /// Deny loopback, private, CGNAT, link-local, unique-local, multicast and unspecified destinations.
+    #[arg(long)]
+    pub deny_private_dest: bool,
+    /// Sessions allowed at once from one client address.
+    #[arg(long, value_name = "N")]
+    pub max_connections_per_client: Option<u32>,
+    /// Sessions allowed at once for one user.
+    #[arg(long, value_name = "N")]
+    pub max_connections_per_user: Option<u32>,
 }
 
 impl Cli {
@@ -49,6 +75,16 @@ impl Cli {
             buffer_size: self.buffer_size,
             resolver_threads: self.resolver_threads,
             shutdown_grace: self.shutdown_grace,
+            users: None, // loaded by main, which can report the file's errors
+            rules: Rules {
+                allow_client: self.allow_client.clone(),
+                auth_exempt: self.auth_exempt.clone(),
+                allow_dest: self.allow_dest.clone(),
+                deny_dest: self.deny_dest.clone(),
+                deny_private_dest: self.deny_private_dest,
+            },
+            max_connections_per_client: self.max_connections_per_client,
+            max_connections_per_user: self.max_connections_per_user,
         }
     }
 }

@@ -1,5 +1,7 @@
 //! Plain server configuration, independent of how it was obtained.
 
+use crate::rules::Rules;
+use crate::users::Users;
 use std::fmt;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -30,6 +32,15 @@ pub struct Config {
     pub resolver_threads: usize,
     /// After shutdown is requested, open sessions get this long to finish.
     pub shutdown_grace: Duration,
+    /// When set, clients must log in (RFC 1929) unless `rules.auth_exempt`
+    /// covers them. Replace at run time with [`crate::Handle::set_users`].
+    pub users: Option<Users>,
+    /// Client and destination rules.
+    pub rules: Rules,
+    /// Sessions allowed at once from one client address.
+    pub max_connections_per_client: Option<u32>,
+    /// Sessions allowed at once for one user (needs `users`).
+    pub max_connections_per_user: Option<u32>,
 }
 
 impl Default for Config {
@@ -43,6 +54,10 @@ impl Default for Config {
             buffer_size: 16 * 1024,
             resolver_threads: 4,
             shutdown_grace: Duration::from_secs(5),
+            users: None,
+            rules: Rules::default(),
+            max_connections_per_client: None,
+            max_connections_per_user: None,
         }
     }
 }
@@ -85,6 +100,15 @@ impl Config {
         if self.resolver_threads > 64 {
             return err("at most 64 resolver threads");
         }
+        if self.users.is_none() && !self.rules.auth_exempt.is_empty() {
+            return err("auth-exempt ranges need users: without them nobody authenticates");
+        }
+        if self.users.is_none() && self.max_connections_per_user.is_some() {
+            return err("a per-user connection limit needs users");
+        }
+        if self.max_connections_per_client == Some(0) || self.max_connections_per_user == Some(0) {
+            return err("per-client and per-user limits must be at least 1");
+        }
         Ok(())
     }
 }
@@ -102,6 +126,12 @@ mod tests {
             Config { max_connections: Some(0), ..Config::default() },
             Config { connect_timeout: Duration::ZERO, ..Config::default() },
             Config { resolver_threads: 1000, ..Config::default() },
+            Config { max_connections_per_user: Some(2), ..Config::default() },
+            Config { max_connections_per_client: Some(0), ..Config::default() },
+            Config {
+                rules: Rules { auth_exempt: vec!["127.0.0.1".parse().unwrap()], ..Rules::default() },
+                ..Config::default()
+            },
         ];
         for c in bad {
             assert!(c.validate().is_err(), "{c:?}");

@@ -20,6 +20,7 @@
 mod buf;
 mod config;
 mod conn;
+mod limits;
 pub mod proto;
 mod relay;
 mod resolver;

@@ -5,6 +5,8 @@ mod cli;
 use clap::Parser;
 use simplelog::{ConfigBuilder, WriteLogger};
 use slabsocks::Server;
+use slabsocks::users::Users;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
@@ -25,7 +27,17 @@ fn main() -> ExitCode {
     if let Err(e) = slabsocks::sys::raise_nofile_limit() {
         log::warn!("cannot raise the open-file limit: {e}");
     }
-    match serve(cli.config()) {
+    let mut config = cli.config();
+    if let Some(path) = &cli.users {
+        match load_users(path) {
+            Ok(users) => config.users = Some(users),
+            Err(e) => {
+                eprintln!("slabsocks: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    match serve(config, cli.users) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("slabsocks: {e}");
@@ -34,15 +46,34 @@ fn main() -> ExitCode {
     }
 }
 
-fn serve(config: slabsocks::Config) -> std::io::Result<()> {
+/// Reads the users file, warning when others may read it.
+fn load_users(path: &Path) -> Result<Users, slabsocks::users::UsersError> {
+    let users = Users::load(path)?;
+    if slabsocks::users::readable_by_others(path) {
+        log::warn!("{} is readable by group or others: chmod 600 it", path.display());
+    }
+    Ok(users)
+}
+
+fn serve(config: slabsocks::Config, users_file: Option<PathBuf>) -> std::io::Result<()> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     let server = Server::bind(config)?;
     let handle = server.handle();
-    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])?;
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])?;
     std::thread::Builder::new().name("slabsocks-signals".into()).spawn(move || {
-        let mut seen = 0;
+        let mut stops = 0;
         for sig in signals.forever() {
-            seen += 1;
-            if seen > 1 {
+            if sig == SIGHUP {
+                // Read off the loop; a file that fails to load changes nothing.
+                match users_file.as_deref().map(load_users) {
+                    None => log::info!("SIGHUP: no --users file to reload"),
+                    Some(Ok(users)) => handle.set_users(users),
+                    Some(Err(e)) => log::error!("keeping the old users: {e}"),
+                }
+                continue;
+            }
+            stops += 1;
+            if stops > 1 {
                 log::warn!("second signal {sig}: exiting now");
                 std::process::exit(1);
             }

@@ -4,17 +4,20 @@
 use crate::buf::Pool;
 use crate::config::Config;
 use crate::conn::{Conn, Ctx, Ready, Step};
+use crate::limits::Limits;
 use crate::resolver::{Answer, Resolver};
+use crate::rules::Rules;
 use crate::sys;
 use crate::timer::Timers;
+use crate::users::Users;
 use log::{debug, error, info, warn};
 use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 // Token layout: | session id (high half) | slab key | role (1 bit) |.
@@ -60,6 +63,8 @@ const WARN_EVERY: Duration = Duration::from_secs(5);
 struct Shared {
     stop: AtomicBool,
     sessions: AtomicUsize,
+    /// A users table waiting to replace the loop's.
+    new_users: Mutex<Option<Users>>,
 }
 
 /// Stops a running [`Server`] from another thread, and reports on it.
@@ -76,6 +81,15 @@ impl Handle {
         self.shared.stop.store(true, Ordering::SeqCst);
         if let Err(e) = self.waker.wake() {
             error!("cannot wake the loop for shutdown: {e}");
+        }
+    }
+
+    /// Replaces the users table; sessions already open are not touched.
+    /// (The binary calls this on SIGHUP after re-reading `--users`.)
+    pub fn set_users(&self, users: Users) {
+        *self.shared.new_users.lock().unwrap_or_else(|p| p.into_inner()) = Some(users);
+        if let Err(e) = self.waker.wake() {
+            error!("cannot wake the loop for new users: {e}");
         }
     }
 
@@ -137,7 +151,11 @@ impl Server {
             None => sys::max_connections_for(sys::nofile_limit()?),
         }
         .min(KEY_MASK);
-        let shared = Arc::new(Shared { stop: AtomicBool::new(false), sessions: AtomicUsize::new(0) });
+        let shared = Arc::new(Shared {
+            stop: AtomicBool::new(false),
+            sessions: AtomicUsize::new(0),
+            new_users: Mutex::new(None),
+        });
         Ok(Server { poll, listeners, addrs, config, max_conns, waker, shared })
     }
 
@@ -180,6 +198,9 @@ impl Server {
                 pool: Pool::new(c.buffer_size),
                 resolver,
                 resolver_full: 0,
+                users: c.users.clone(),
+                rules: c.rules.clone(),
+                limits: Limits::new(c.max_connections_per_client, c.max_connections_per_user),
             },
             conns: Slab::new(),
             answers: Vec::new(),
@@ -215,6 +236,9 @@ struct Env {
     timers: Timers,
     resolver: Option<Resolver>,
     resolver_full: u64,
+    users: Option<Users>,
+    rules: Rules,
+    limits: Limits,
 }
 
 impl Env {
@@ -228,6 +252,9 @@ impl Env {
             key,
             id,
             resolver_full: &mut self.resolver_full,
+            users: self.users.as_ref(),
+            rules: &self.rules,
+            limits: &mut self.limits,
         }
     }
 }
@@ -310,7 +337,7 @@ impl Loop {
         if conn.id & ID_MASK != id {
             return;
         }
-        conn.ready.set(bits);
+        conn.client.ready.set(bits);
         if deferred {
             conn.deferred = false;
         }
@@ -336,6 +363,7 @@ impl Loop {
         self.env.timers.cancel(key);
         let conn = self.conns.remove(key);
         debug!("#{key} closed: {why}");
+        self.env.limits.release(key, conn.client.user);
         // Dropping the sockets closes them, which removes them from the poll
         // set; a stale event already fetched is caught by the session id.
         conn.recycle(&mut self.env.pool);
@@ -345,6 +373,10 @@ impl Loop {
     fn on_wake(&mut self) {
         if self.server.shared.stop.load(Ordering::SeqCst) && self.stop_deadline.is_none() {
             self.begin_shutdown();
+        }
+        if let Some(users) = self.server.shared.new_users.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            info!("users replaced: {} entries", users.len());
+            self.env.users = Some(users);
         }
         let Some(resolver) = &self.env.resolver else { return };
         let mut answers = std::mem::take(&mut self.answers);
@@ -408,19 +440,30 @@ impl Loop {
         }
     }
 
+    /// Rules and limits on the client address apply before any byte is
+    /// read or written: a refused client is closed straight away.
     fn admit(&mut self, mut stream: mio::net::TcpStream, peer: SocketAddr) {
+        if !self.env.rules.client_allowed(peer.ip()) {
+            debug!("{peer} refused: not an allowed client");
+            return;
+        }
+        let key = self.conns.vacant_key();
+        if !self.env.limits.admit_client(key, peer.ip()) {
+            self.warn(format_args!("{peer} refused: its address has its maximum of connections"));
+            return;
+        }
         let _ = stream.set_nodelay(true);
         let id = self.next_id;
         self.next_id = (self.next_id + 1) & ID_MASK;
-        let entry = self.conns.vacant_entry();
-        let key = entry.key();
         let t = token(key, id, Role::Client);
         if let Err(e) = self.server.poll.registry().register(&mut stream, t, Interest::READABLE | Interest::WRITABLE) {
             warn!("cannot register a new connection: {e}");
+            self.env.limits.release(key, 0);
             return;
         }
         debug!("#{key} accepted from {peer}");
-        entry.insert(Conn::new(id, stream, &mut self.env.pool));
+        let exempt = self.env.rules.auth_exempt(peer.ip());
+        self.conns.insert(Conn::new(id, stream, exempt, &mut self.env.pool));
         self.env.timers.set(key, crate::timer::Kind::Handshake, self.now);
     }
 

@@ -1,7 +1,7 @@
 //! The upstream connect: one non-blocking attempt at a time, in the order
 //! the addresses came, until one completes or the connect deadline passes.
 
-use super::{Carry, Ctx, Flow, Ready, State, fail, send};
+use super::{Carry, Client, Ctx, Flow, Ready, State, fail, send};
 use crate::proto::{Addr, MAX_REPLY_LEN, Reply, encode_reply};
 use crate::relay::Relay;
 use crate::server::{Role, token};
@@ -49,8 +49,8 @@ impl Connecting {
         self.carry
     }
 
-    pub(crate) fn step(self, client: &mut TcpStream, ready: &mut Ready, ctx: &mut Ctx<'_>) -> (State, Flow) {
-        if !ready.has(Ready::UP_W) {
+    pub(crate) fn step(self, client: &mut Client, ctx: &mut Ctx<'_>) -> (State, Flow) {
+        if !client.ready.has(Ready::UP_W) {
             return (State::Connecting(self), Flow::Wait);
         }
         // mio: the connect is complete when the socket is writable, holds no
@@ -59,7 +59,7 @@ impl Connecting {
             Ok(None) => match self.up.peer_addr() {
                 Ok(_) => Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::NotConnected => {
-                    ready.clear(Ready::UP_W);
+                    client.ready.clear(Ready::UP_W);
                     return (State::Connecting(self), Flow::Wait);
                 }
                 Err(e) => Err(e),
@@ -68,27 +68,44 @@ impl Connecting {
         };
         let Connecting { up, addrs, carry } = self;
         match done {
-            Ok(()) => connected(up, carry, client, ctx),
+            Ok(()) => connected(up, carry, &mut client.stream, ctx),
             Err(e) => {
                 log::debug!("#{} connect failed: {e}", ctx.key);
                 drop(up);
-                start(addrs, carry, Some(e), client, ready, ctx)
+                start(addrs, carry, Some(e), client, ctx)
             }
         }
     }
 }
 
-/// Starts connecting to the next address; replies with the last error when
-/// none is left.
+/// Marks addresses the rules deny, in place of a connect error.
+#[derive(Debug)]
+struct Denied;
+
+impl std::fmt::Display for Denied {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("denied by the destination rules")
+    }
+}
+
+impl std::error::Error for Denied {}
+
+/// Starts connecting to the next address the rules allow; when none is
+/// left, replies with the last connect error, or REP 0x02 when every
+/// address was denied (an address a rule denies is never connected to).
 pub(crate) fn start(
     mut addrs: Addrs,
     carry: Carry,
     mut last_err: Option<io::Error>,
-    client: &mut TcpStream,
-    ready: &mut Ready,
+    client: &mut Client,
     ctx: &mut Ctx<'_>,
 ) -> (State, Flow) {
     while let Some(addr) = addrs.next() {
+        if !ctx.rules.dest_allowed(addr) {
+            log::debug!("#{} {addr} denied by rule", ctx.key);
+            last_err.get_or_insert_with(|| io::Error::other(Denied));
+            continue;
+        }
         let attempt = TcpStream::connect(addr).and_then(|mut up| {
             let tok = token(ctx.key, ctx.id, Role::Upstream);
             ctx.registry.register(&mut up, tok, Interest::READABLE | Interest::WRITABLE)?;
@@ -97,15 +114,19 @@ pub(crate) fn start(
         match attempt {
             Ok(up) => {
                 log::debug!("#{} connecting to {addr}", ctx.key);
-                ready.clear(Ready::UP_R | Ready::UP_W);
+                client.ready.clear(Ready::UP_R | Ready::UP_W);
                 return (State::Connecting(Connecting { up, addrs, carry }), Flow::Wait);
             }
             Err(e) => last_err = Some(e),
         }
     }
     ctx.pool.put(carry.buf);
-    let err = last_err.unwrap_or_else(|| io::ErrorKind::NotFound.into());
-    (State::Closed, Flow::Close(fail(client, Reply::from_io(&err))))
+    let rep = match last_err {
+        Some(e) if e.get_ref().is_some_and(|inner| inner.is::<Denied>()) => Reply::NotAllowed,
+        Some(e) => Reply::from_io(&e),
+        None => Reply::HostUnreachable,
+    };
+    (State::Closed, Flow::Close(fail(&mut client.stream, rep)))
 }
 
 /// RFC 1928 §6: on success BND.ADDR/BND.PORT are the address the server

@@ -9,10 +9,13 @@ mod connect;
 mod handshake;
 
 use crate::buf::{Buf, Pool};
+use crate::limits::Limits;
 use crate::proto::{Addr, Reply, encode_reply};
 use crate::relay::Relay;
 use crate::resolver::Resolver;
+use crate::rules::Rules;
 use crate::timer::{Kind, Timers};
+use crate::users::Users;
 use mio::Registry;
 use mio::net::TcpStream;
 use std::io::{self, Read, Write};
@@ -105,6 +108,19 @@ pub(crate) struct Ctx<'a> {
     pub id: u32,
     /// Requests refused because the resolver queue was full (the loop warns).
     pub resolver_full: &'a mut u64,
+    pub users: Option<&'a Users>,
+    pub rules: &'a Rules,
+    pub limits: &'a mut Limits,
+}
+
+/// The client side of a session: its socket and what we know of it.
+pub(crate) struct Client {
+    pub stream: TcpStream,
+    pub ready: Ready,
+    /// May use NO AUTHENTICATION although users are configured.
+    pub exempt: bool,
+    /// The logged-in user, for per-user limits (0: none).
+    pub user: u32,
 }
 
 /// Client bytes that arrived after the request, waiting to go upstream.
@@ -127,28 +143,28 @@ pub(crate) enum State {
 
 pub(crate) struct Conn {
     pub id: u32,
-    pub client: TcpStream,
-    pub ready: Ready,
     /// Has a turn queued in the loop's deferred list.
     pub deferred: bool,
+    pub client: Client,
     state: State,
 }
 
 impl Conn {
-    pub(crate) fn new(id: u32, client: TcpStream, pool: &mut Pool) -> Conn {
+    pub(crate) fn new(id: u32, stream: TcpStream, exempt: bool, pool: &mut Pool) -> Conn {
         let state = State::Handshake(Handshake::new(pool.handshake()));
-        Conn { id, client, ready: Ready::default(), deferred: false, state }
+        let client = Client { stream, ready: Ready::default(), exempt, user: 0 };
+        Conn { id, deferred: false, client, state }
     }
 
     /// Runs the state machine until it waits for an event.
     pub(crate) fn drive(&mut self, ctx: &mut Ctx<'_>) -> Step {
         loop {
             let (state, flow) = match std::mem::replace(&mut self.state, State::Closed) {
-                State::Handshake(h) => h.step(&mut self.client, &mut self.ready, ctx),
+                State::Handshake(h) => h.step(&mut self.client, ctx),
                 s @ State::Resolving { .. } => (s, Flow::Wait),
-                State::Connecting(c) => c.step(&mut self.client, &mut self.ready, ctx),
+                State::Connecting(c) => c.step(&mut self.client, ctx),
                 State::Relaying(mut r) => {
-                    let flow = r.pump(&mut self.client, &mut self.ready, ctx);
+                    let flow = r.pump(&mut self.client.stream, &mut self.client.ready, ctx);
                     (State::Relaying(r), flow)
                 }
                 State::Closed => (State::Closed, Flow::Close("closed")),
@@ -169,8 +185,8 @@ impl Conn {
             return Step::Wait;
         };
         let (state, flow) = match addrs {
-            Ok(list) => connect::start(Addrs::list(list), carry, None, &mut self.client, &mut self.ready, ctx),
-            Err(e) => (State::Resolving { carry }, Flow::Close(fail(&mut self.client, Reply::from_io(&e)))),
+            Ok(list) => connect::start(Addrs::list(list), carry, None, &mut self.client, ctx),
+            Err(e) => (State::Resolving { carry }, Flow::Close(fail(&mut self.client.stream, Reply::from_io(&e)))),
         };
         self.state = state;
         match flow {
@@ -184,7 +200,7 @@ impl Conn {
         match (kind, &self.state) {
             (Kind::Connect, State::Resolving { .. } | State::Connecting(_)) => {
                 let timed_out = io::Error::from(io::ErrorKind::TimedOut);
-                Step::Close(fail(&mut self.client, Reply::from_io(&timed_out)))
+                Step::Close(fail(&mut self.client.stream, Reply::from_io(&timed_out)))
             }
             (Kind::Handshake, _) => Step::Close("handshake timeout"),
             (Kind::Idle, _) => Step::Close("idle timeout"),
