@@ -15,16 +15,35 @@ use std::net::Shutdown;
 /// Socket operations per turn before a session yields to the others.
 const BUDGET: u32 = 32;
 
-/// One direction: bytes read from `src` wait in `buf[start..end]`.
+/// One direction: bytes read from `src` wait in `buf[start..end]`. Its
+/// end-of-stream state lives in `Relay::ends`, at the bits its `Dir` names
+/// (packed there, a session is 8 bytes smaller).
 struct Half {
     buf: Option<Buf>,
     start: u32,
     end: u32,
-    /// `src` has sent EOF.
-    eof: bool,
-    /// EOF has been passed on to `dst`.
-    shut: bool,
 }
+
+/// Which readiness and end bits a direction uses.
+struct Dir {
+    src_r: u8,
+    dst_w: u8,
+    /// `src` has sent EOF.
+    eof: u8,
+    /// The EOF has been passed on to `dst`.
+    shut: u8,
+    /// The other direction's `shut`.
+    other_shut: u8,
+}
+
+const TX_EOF: u8 = 1;
+const TX_SHUT: u8 = 2;
+const RX_EOF: u8 = 4;
+const RX_SHUT: u8 = 8;
+/// Client to upstream.
+const TX: Dir = Dir { src_r: Ready::CLIENT_R, dst_w: Ready::UP_W, eof: TX_EOF, shut: TX_SHUT, other_shut: RX_SHUT };
+/// Upstream to client.
+const RX: Dir = Dir { src_r: Ready::UP_R, dst_w: Ready::CLIENT_W, eof: RX_EOF, shut: RX_SHUT, other_shut: TX_SHUT };
 
 /// What one pass over a direction did.
 enum Pass {
@@ -35,13 +54,13 @@ enum Pass {
 
 impl Half {
     fn empty() -> Half {
-        Half { buf: None, start: 0, end: 0, eof: false, shut: false }
+        Half { buf: None, start: 0, end: 0 }
     }
 
     /// One read (if there is room and the source may have data) and one
-    /// write (if there are bytes and the destination may take them).
-    /// `last`: the other direction has ended, so this one ending ends the
-    /// session, and closing the socket sends the FIN.
+    /// write (if there are bytes and the destination may take them). When
+    /// the other direction has ended already, this one ending ends the
+    /// session, and closing the socket sends the FIN: no `shutdown` then.
     ///
     /// A short read means the socket was drained, and a short write that its
     /// buffer is full: both clear the readiness bit at once, saving the
@@ -51,14 +70,14 @@ impl Half {
         src: &mut TcpStream,
         dst: &mut TcpStream,
         ready: &mut Ready,
-        bits: (u8, u8),
-        last: bool,
+        ends: &mut u8,
+        dir: &Dir,
         pool: &mut Pool,
     ) -> Pass {
-        let (src_r, dst_w) = bits;
+        let (src_r, dst_w) = (dir.src_r, dir.dst_w);
         let mut moved = false;
         let room = self.buf.as_ref().is_none_or(|b| (self.end as usize) < b.len());
-        if !self.eof && room && ready.has(src_r) {
+        if *ends & dir.eof == 0 && room && ready.has(src_r) {
             let buf = self.buf.get_or_insert_with(|| pool.relay());
             let room = &mut buf[self.end as usize..];
             let want = room.len();
@@ -71,7 +90,7 @@ impl Half {
                     moved = true;
                 }
                 Io::Eof => {
-                    self.eof = true;
+                    *ends |= dir.eof;
                     moved = true;
                 }
                 Io::WouldBlock => ready.clear(src_r),
@@ -107,12 +126,12 @@ impl Half {
             pool.put(buf);
             (self.start, self.end) = (0, 0);
         }
-        if self.eof && self.buf.is_none() && !self.shut {
-            if !last {
+        if *ends & (dir.eof | dir.shut) == dir.eof && self.buf.is_none() {
+            if *ends & dir.other_shut == 0 {
                 // The peer may already be gone; the session ends on its own then.
                 let _ = dst.shutdown(Shutdown::Write);
             }
-            self.shut = true;
+            *ends |= dir.shut;
             moved = true;
         }
         if moved { Pass::Moved } else { Pass::Idle }
@@ -125,27 +144,29 @@ pub(crate) struct Relay {
     tx: Half,
     /// Upstream to client.
     rx: Half,
+    /// `TX_EOF | TX_SHUT | RX_EOF | RX_SHUT`.
+    ends: u8,
 }
 
 impl Relay {
     /// `carry`: client bytes that came with the request, sent first.
     pub(crate) fn new(up: TcpStream, carry: Carry) -> Relay {
-        let tx = Half { buf: Some(carry.buf), start: carry.start, end: carry.end, ..Half::empty() };
-        Relay { up, tx, rx: Half::empty() }
+        let tx = Half { buf: Some(carry.buf), start: carry.start, end: carry.end };
+        Relay { up, tx, rx: Half::empty(), ends: 0 }
     }
 
     pub(crate) fn pump(&mut self, client: &mut TcpStream, ready: &mut Ready, ctx: &mut Ctx<'_>) -> Flow {
         let mut moved = false;
         let mut budget = BUDGET;
         let flow = loop {
-            let tx = self.tx.pass(client, &mut self.up, ready, (Ready::CLIENT_R, Ready::UP_W), self.rx.shut, ctx.pool);
-            let rx = self.rx.pass(&mut self.up, client, ready, (Ready::UP_R, Ready::CLIENT_W), self.tx.shut, ctx.pool);
+            let tx = self.tx.pass(client, &mut self.up, ready, &mut self.ends, &TX, ctx.pool);
+            let rx = self.rx.pass(&mut self.up, client, ready, &mut self.ends, &RX, ctx.pool);
             match (tx, rx) {
                 (Pass::Failed(why), _) | (_, Pass::Failed(why)) => break Flow::Close(why),
                 (Pass::Idle, Pass::Idle) => break Flow::Wait,
                 _ => moved = true,
             }
-            if self.tx.shut && self.rx.shut {
+            if self.ends & (TX_SHUT | RX_SHUT) == TX_SHUT | RX_SHUT {
                 break Flow::Close("done");
             }
             budget -= 1;
