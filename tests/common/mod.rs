@@ -276,3 +276,57 @@ pub fn sum_to_end(s: &mut TcpStream) -> Sum {
         }
     }
 }
+
+/// A client socket bound to source address `src` (any of 127/8 works on
+/// loopback), connected to `proxy`.
+pub fn connect_from(src: &str, proxy: SocketAddr) -> TcpStream {
+    use socket2::{Domain, Socket, Type};
+    let sock = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    sock.bind(&SocketAddr::new(src.parse().unwrap(), 0).into()).unwrap();
+    sock.connect(&proxy.into()).unwrap();
+    let s: TcpStream = sock.into();
+    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    s.set_nodelay(true).unwrap();
+    s
+}
+
+/// The RFC 1929 message for `user`/`password`.
+pub fn auth_message(user: &str, password: &str) -> Vec<u8> {
+    let mut m = vec![1, user.len() as u8];
+    m.extend_from_slice(user.as_bytes());
+    m.push(password.len() as u8);
+    m.extend_from_slice(password.as_bytes());
+    m
+}
+
+/// Greeting offering user/password, then the login; returns the STATUS
+/// byte (the method reply must be 0x02).
+pub fn login(s: &mut TcpStream, user: &str, password: &str) -> u8 {
+    s.write_all(&[5, 1, 2]).unwrap();
+    let mut m = [0u8; 2];
+    s.read_exact(&mut m).unwrap();
+    assert_eq!(m, [5, 2], "server must choose user/password");
+    s.write_all(&auth_message(user, password)).unwrap();
+    let mut r = [0u8; 2];
+    s.read_exact(&mut r).unwrap();
+    assert_eq!(r[0], 1, "RFC 1929 reply version");
+    r[1]
+}
+
+/// Logs in and CONNECTs; returns the stream and the REP byte.
+pub fn login_and_connect(proxy: SocketAddr, user: &str, password: &str, target: SocketAddr) -> (TcpStream, u8) {
+    let mut s = connect(proxy);
+    assert_eq!(login(&mut s, user, password), 0, "login as {user}");
+    s.write_all(&connect_request(target)).unwrap();
+    let rep = read_reply(&mut s).expect("reply").0;
+    (s, rep)
+}
+
+/// Retries `f` (bounded by IO_TIMEOUT) until it returns true.
+pub fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let end = Instant::now() + IO_TIMEOUT;
+    while !f() {
+        assert!(Instant::now() < end, "timed out waiting for: {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
