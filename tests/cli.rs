@@ -35,6 +35,101 @@ fn bad_values_give_one_line_and_a_nonzero_exit() {
     }
 }
 
+fn temp_file(name: &str, text: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("slabsocks-cli-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("users");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn bad_users_file_and_rule_values_are_one_line_errors() {
+    let path = temp_file("bad", "alice:ok\n\nthis line has no colon\n");
+    let (code, stderr) = run_to_end(&["--users", path.to_str().unwrap()]);
+    assert_ne!(code, 0);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("users:3:"), "names the file and line: {stderr}");
+    let cases: [&[&str]; 5] = [
+        &["--users", "/nonexistent/users"],
+        &["--auth-exempt", "127.0.0.1"],
+        &["--allow-dest", "10.0.0.0/8:99999"],
+        &["--deny-dest", "nonsense"],
+        &["--allow-client", "10.0.0.0/40"],
+    ];
+    for args in cases {
+        let (code, stderr) = run_to_end(args);
+        assert_ne!(code, 0, "{args:?}");
+        assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
+    }
+}
+
+#[test]
+fn sighup_reloads_users_and_keeps_sessions() {
+    let path = temp_file("hup", "alice:one\n");
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let (mut child, addr, log) = spawn_logged(&["--users", path.to_str().unwrap()]);
+    let echo = echo_server("127.0.0.1:0");
+    let (mut open, rep) = login_and_connect(addr, "alice", "one", echo);
+    assert_eq!(rep, 0);
+
+    std::fs::write(&path, "bob:two\n").unwrap();
+    signal(&child, libc::SIGHUP);
+    eventually("bob can log in", || login(&mut connect(addr), "bob", "two") == 0);
+    assert_ne!(login(&mut connect(addr), "alice", "one"), 0, "alice was removed");
+    // The session alice opened before the reload goes on.
+    open.write_all(b"still here").unwrap();
+    let mut back = [0u8; 10];
+    std::io::Read::read_exact(&mut open, &mut back).unwrap();
+    assert_eq!(&back, b"still here");
+
+    // A file that fails to load keeps the users in force.
+    std::fs::write(&path, "broken line\n").unwrap();
+    signal(&child, libc::SIGHUP);
+    let line = log.wait_for("keeping the old users");
+    assert!(line.contains("users:1:"), "says why: {line}");
+    assert_eq!(login(&mut connect(addr), "bob", "two"), 0);
+
+    signal(&child, libc::SIGTERM);
+    drop(open);
+    assert_eq!(wait_exit(&mut child), 0);
+    let _ = std::fs::remove_dir_all(path.parent().unwrap());
+}
+
+/// Operators hear about loose file modes and failed logins (who, from
+/// where), and never see a password, even at trace level.
+#[test]
+fn auth_logging_warns_and_never_leaks_passwords() {
+    let path = temp_file("log", "alice:Sup3rSecret\n");
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let (mut child, addr, log) = spawn_logged(&["--users", path.to_str().unwrap(), "--log-level", "trace"]);
+    let echo = echo_server("127.0.0.1:0");
+    let (s, rep) = login_and_connect(addr, "alice", "Sup3rSecret", echo);
+    assert_eq!(rep, 0);
+    drop(s);
+    assert_ne!(login(&mut connect(addr), "alice", "WrongGuess1"), 0);
+    let line = log.wait_for("login failed");
+    assert!(line.contains("alice") && line.contains("127.0.0.1"), "{line}");
+    signal(&child, libc::SIGTERM);
+    assert_eq!(wait_exit(&mut child), 0);
+    let text = log.all();
+    assert!(!text.contains("Sup3rSecret") && !text.contains("WrongGuess1"), "{text}");
+    let _ = std::fs::remove_dir_all(path.parent().unwrap());
+}
+
+#[test]
+fn a_users_file_others_can_read_is_warned_about() {
+    let path = temp_file("mode", "alice:x\n");
+    for (mode, warned) in [(0o644, true), (0o600, false)] {
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(mode)).unwrap();
+        let (mut child, _addr, log) = spawn_logged(&["--users", path.to_str().unwrap()]);
+        signal(&child, libc::SIGTERM);
+        assert_eq!(wait_exit(&mut child), 0);
+        assert_eq!(log.all().contains("readable by group or others"), warned, "mode {mode:o}");
+    }
+    let _ = std::fs::remove_dir_all(path.parent().unwrap());
+}
+
 #[test]
 fn an_address_in_use_is_named() {
     let taken = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -67,8 +162,47 @@ fn version_and_help() {
     }
 }
 
+/// The binary's stderr, line by line, and every line read so far.
+struct Log(std::sync::mpsc::Receiver<String>, std::cell::RefCell<Vec<String>>);
+
+impl Log {
+    /// Finds (waiting, bounded) a line containing `text`, earlier lines
+    /// included; returns it.
+    fn wait_for(&self, text: &str) -> String {
+        if let Some(line) = self.1.borrow().iter().find(|l| l.contains(text)) {
+            return line.clone();
+        }
+        let end = Instant::now() + IO_TIMEOUT;
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            match self.0.recv_timeout(left) {
+                Ok(line) => {
+                    self.1.borrow_mut().push(line.clone());
+                    if line.contains(text) {
+                        return line;
+                    }
+                }
+                Err(_) => panic!("no log line with {text:?} in {:?}", self.1.borrow()),
+            }
+        }
+    }
+
+    /// Everything logged, up to the child's exit.
+    fn all(&self) -> String {
+        while let Ok(line) = self.0.recv_timeout(Duration::from_millis(500)) {
+            self.1.borrow_mut().push(line);
+        }
+        self.1.borrow().join("\n")
+    }
+}
+
 /// Starts the binary on a free port and waits for its start-up line.
 fn spawn(extra: &[&str]) -> (Child, std::net::SocketAddr) {
+    let (child, addr, _log) = spawn_logged(extra);
+    (child, addr)
+}
+
+fn spawn_logged(extra: &[&str]) -> (Child, std::net::SocketAddr, Log) {
     let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let listen = format!("127.0.0.1:{port}");
     let mut child = Command::new(BIN)
@@ -78,10 +212,20 @@ fn spawn(extra: &[&str]) -> (Child, std::net::SocketAddr) {
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stderr.as_mut().unwrap()).read_line(&mut line).unwrap();
-    assert!(line.contains("listening on") && line.contains(&listen), "{line}");
-    (child, listen.parse().unwrap())
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                // Nobody listens: keep draining so the child never blocks.
+                continue;
+            }
+        }
+    });
+    let log = Log(rx, Default::default());
+    let line = log.wait_for("listening on");
+    assert!(line.contains(&listen), "{line}");
+    (child, listen.parse().unwrap(), log)
 }
 
 fn signal(child: &Child, sig: i32) {

@@ -64,3 +64,19 @@ fn many_curl_fetches_in_a_row() {
     assert!(ok);
     assert_eq!(body, "again\n".repeat(20));
 }
+
+#[test]
+fn curl_proxy_user_succeeds_and_fails() {
+    let proxy = Proxy::with(|c| c.users = Some(slabsocks::users::Users::from_pairs([("ann", "s:cret word")])));
+    let http = http_server("authenticated\n");
+    let url = format!("http://localhost:{}/", http.port());
+    let p = proxy.addr.to_string();
+    let (ok, body) = curl(&["--socks5-hostname", &p, "--proxy-user", "ann:s:cret word", &url]);
+    assert!(ok);
+    assert_eq!(body, "authenticated\n");
+    let (ok, body) = curl(&["--socks5-hostname", &p, "--proxy-user", "ann:wrong", &url]);
+    assert!(!ok);
+    assert!(body.is_empty());
+    let (ok, _) = curl(&["--socks5-hostname", &p, &url]);
+    assert!(!ok, "no credentials, no service");
+}
