@@ -1,6 +1,6 @@
 //! The address part shared by requests and replies: ATYP, address, port.
 
-use super::{ProtoError, Status, atyp};
+use super::{ProtoError, Status, VERSION, atyp};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 /// A destination or bound address as it appears on the wire.
@@ -88,6 +88,30 @@ impl<'a> Addr<'a> {
                 let d = d.strip_prefix(b"[").and_then(|d| d.strip_suffix(b"]")).unwrap_or(d);
                 std::str::from_utf8(d).ok()?.parse().ok()
             }
+        }
+    }
+}
+
+/// The layout requests and replies share: `VER CODE RSV ATYP ADDR PORT`.
+/// Returns CODE (the command or reply), the address and the port.
+pub(super) fn parse_frame(buf: &[u8]) -> Result<Status<(u8, Addr<'_>, u16)>, ProtoError> {
+    if let Some(&v) = buf.first()
+        && v != VERSION
+    {
+        return Err(ProtoError::BadVersion(v));
+    }
+    let (Some(&code), Some(tail)) = (buf.get(1), buf.get(3..)) else {
+        return Ok(Status::Partial);
+    };
+    Ok(Addr::parse(tail)?.map(|(addr, port)| (code, addr, port)).shift(3))
+}
+
+impl<T> Status<T> {
+    /// The same status, counting `n` bytes that came before the message.
+    fn shift(self, n: usize) -> Status<T> {
+        match self {
+            Status::Complete(t, len) => Status::Complete(t, len + n),
+            Status::Partial => Status::Partial,
         }
     }
 }

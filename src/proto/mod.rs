@@ -30,6 +30,15 @@ pub enum Status<T> {
     Partial,
 }
 
+impl<T> Status<T> {
+    pub fn map<U>(self, f: impl FnOnce(T) -> U) -> Status<U> {
+        match self {
+            Status::Complete(t, n) => Status::Complete(f(t), n),
+            Status::Partial => Status::Partial,
+        }
+    }
+}
+
 /// Why input is not a valid message. Each variant is final: more bytes
 /// cannot make the input valid.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

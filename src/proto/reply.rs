@@ -1,5 +1,6 @@
 //! The reply (RFC 1928 §6): `VER REP RSV ATYP BND.ADDR BND.PORT`.
 
+use super::addr::parse_frame;
 use super::{Addr, ProtoError, Reply, Status, VERSION};
 
 /// The longest reply the server sends: an IPv6 BND.
@@ -22,17 +23,7 @@ pub fn encode_reply(rep: Reply, addr: &Addr<'_>, port: u16, out: &mut [u8]) -> u
 
 /// Parses a reply (the client side; used by tests and clients).
 pub fn parse_reply(buf: &[u8]) -> Result<Status<ReplyFrame<'_>>, ProtoError> {
-    match buf.first() {
-        Some(&v) if v != VERSION => return Err(ProtoError::BadVersion(v)),
-        _ => {}
-    }
-    let (Some(&rep), Some(tail)) = (buf.get(1), buf.get(3..)) else {
-        return Ok(Status::Partial);
-    };
-    Ok(match Addr::parse(tail)? {
-        Status::Complete((addr, port), n) => Status::Complete(ReplyFrame { rep, addr, port }, 3 + n),
-        Status::Partial => Status::Partial,
-    })
+    Ok(parse_frame(buf)?.map(|(rep, addr, port)| ReplyFrame { rep, addr, port }))
 }
 
 #[cfg(test)]

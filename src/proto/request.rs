@@ -1,5 +1,6 @@
 //! The request (RFC 1928 §4): `VER CMD RSV ATYP DST.ADDR DST.PORT`.
 
+use super::addr::parse_frame;
 use super::{Addr, Command, ProtoError, Status, VERSION};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,13 +24,7 @@ pub fn parse_request(buf: &[u8]) -> Result<Status<Request<'_>>, ProtoError> {
         return Ok(Status::Partial);
     };
     let command = Command::from_u8(cmd).ok_or(ProtoError::UnknownCommand(cmd))?;
-    let Some(tail) = buf.get(3..) else {
-        return Ok(Status::Partial);
-    };
-    Ok(match Addr::parse(tail)? {
-        Status::Complete((addr, port), n) => Status::Complete(Request { command, addr, port }, 3 + n),
-        Status::Partial => Status::Partial,
-    })
+    Ok(parse_frame(buf)?.map(|(_, addr, port)| Request { command, addr, port }))
 }
 
 #[cfg(test)]
