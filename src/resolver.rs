@@ -61,7 +61,9 @@ impl Resolver {
             let shared = Arc::clone(&shared);
             std::thread::Builder::new()
                 .name(format!("slabsocks-dns-{i}"))
-                .stack_size(128 * 1024)
+                // getaddrinfo and NSS modules can use 64 KiB+ of stack; this is
+                // address space, only the pages touched cost memory.
+                .stack_size(512 * 1024)
                 .spawn(move || serve(&shared))?;
         }
         Ok(Resolver { shared, cap: threads * QUEUE_PER_THREAD })

@@ -130,6 +130,62 @@ fn a_users_file_others_can_read_is_warned_about() {
     let _ = std::fs::remove_dir_all(path.parent().unwrap());
 }
 
+/// CPU time (user + system) a process has used, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat.rsplit(')').next().unwrap().split_whitespace().collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+/// Out of descriptors, `accept` fails with EMFILE while the kernel still
+/// has connections queued. The loop must back off, not spin on the
+/// listener, and serve again once descriptors free up.
+#[test]
+fn emfile_backs_off_without_spinning_and_recovers() {
+    use std::os::unix::process::CommandExt;
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut cmd = Command::new(BIN);
+    cmd.args(["--listen", &addr.to_string(), "--max-connections", "1000", "--resolver-threads", "0"]);
+    cmd.stdout(Stdio::null()).stderr(Stdio::piped());
+    // SAFETY: only setrlimit, async-signal-safe, runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            let lim = libc::rlimit { rlim_cur: 40, rlim_max: 40 };
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let log = Log(rx, Default::default());
+    log.wait_for("listening on");
+    // More clients than descriptors: each waits in its handshake.
+    let clients: Vec<TcpStream> = (0..60).map(|_| connect(addr)).collect();
+    log.wait_for("pausing");
+    let before = cpu_ticks(child.id());
+    std::thread::sleep(Duration::from_secs(1));
+    let used = cpu_ticks(child.id()) - before;
+    assert!(used < 30, "{used} ticks of CPU in one second: the loop spins");
+    drop(clients);
+    let echo = echo_server("127.0.0.1:0");
+    eventually("service resumes", || {
+        let mut s = connect(addr);
+        s.write_all(&[5, 1, 0]).is_ok() && std::io::Read::read_exact(&mut s, &mut [0u8; 2]).is_ok()
+    });
+    let mut s = open(addr, echo);
+    s.write_all(b"back").unwrap();
+    signal(&child, libc::SIGTERM);
+    drop(s);
+    assert_eq!(wait_exit(&mut child), 0);
+}
+
 #[test]
 fn an_address_in_use_is_named() {
     let taken = TcpListener::bind("127.0.0.1:0").unwrap();
