@@ -181,8 +181,10 @@ impl Server {
             n => Some(Resolver::start(n, Arc::clone(&self.waker))?),
         };
         let c = &self.config;
+        let r = &c.rules;
         info!(
-            "listening on {:?}; max connections {}, buffer {} B, handshake timeout {:?}, connect timeout {:?}, idle timeout {}, resolver threads {}",
+            "listening on {:?}; max connections {}, buffer {} B, handshake timeout {:?}, connect timeout {:?}, \
+             idle timeout {}, resolver threads {}; login {}; rules: {} client, {} exempt, {} allow-dest, {} deny-dest{}",
             self.addrs,
             self.max_conns,
             c.buffer_size,
@@ -190,6 +192,12 @@ impl Server {
             c.connect_timeout,
             c.idle_timeout.map_or("off".to_string(), |d| format!("{d:?}")),
             c.resolver_threads,
+            c.users.as_ref().map_or("not required".to_string(), |u| format!("required ({} users)", u.len())),
+            r.allow_client.len(),
+            r.auth_exempt.len(),
+            r.allow_dest.len(),
+            r.deny_dest.len(),
+            if r.deny_private_dest { ", private destinations denied" } else { "" },
         );
         let now = Instant::now();
         let mut lp = Loop {
@@ -306,7 +314,10 @@ impl Loop {
             if let Some(deadline) = self.stop_deadline
                 && (self.conns.is_empty() || self.now >= deadline)
             {
-                info!("stopped; {} sessions cut at the end of the grace period", self.conns.len());
+                match self.conns.len() {
+                    0 => info!("stopped"),
+                    n => info!("stopped; {n} sessions cut at the end of the grace period"),
+                }
                 return Ok(());
             }
         }
