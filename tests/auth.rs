@@ -18,9 +18,7 @@ fn auth_proxy(f: impl FnOnce(&mut slabsocks::Config)) -> Proxy {
 
 fn echo_ok(s: &mut TcpStream) {
     s.write_all(b"ping").unwrap();
-    let mut b = [0u8; 4];
-    s.read_exact(&mut b).unwrap();
-    assert_eq!(&b, b"ping");
+    expect(s, b"ping");
 }
 
 #[test]
@@ -50,9 +48,7 @@ fn offering_only_no_auth_to_an_auth_server_gets_ff() {
     let proxy = auth_proxy(|_| {});
     let mut s = connect(proxy.addr);
     s.write_all(&[5, 1, 0]).unwrap();
-    let mut m = [0u8; 2];
-    s.read_exact(&mut m).unwrap();
-    assert_eq!(m, [5, 0xff]);
+    expect(&mut s, &[5, 0xff]);
     assert!(closed(&mut s));
 }
 
@@ -61,9 +57,7 @@ fn a_client_offering_both_methods_must_log_in() {
     let proxy = auth_proxy(|_| {});
     let mut s = connect(proxy.addr);
     s.write_all(&[5, 2, 0, 2]).unwrap();
-    let mut m = [0u8; 2];
-    s.read_exact(&mut m).unwrap();
-    assert_eq!(m, [5, 2]);
+    expect(&mut s, &[5, 2]);
 }
 
 #[test]
@@ -104,13 +98,9 @@ fn greeting_auth_request_and_payload_in_one_write() {
     wire.extend(connect_request(echo));
     wire.extend_from_slice(b"early bytes");
     s.write_all(&wire).unwrap();
-    let mut head = [0u8; 4];
-    s.read_exact(&mut head).unwrap();
-    assert_eq!(head, [5, 2, 1, 0]);
+    expect(&mut s, &[5, 2, 1, 0]);
     assert_eq!(read_reply(&mut s).unwrap().0, 0);
-    let mut back = [0u8; 11];
-    s.read_exact(&mut back).unwrap();
-    assert_eq!(&back, b"early bytes");
+    expect(&mut s, b"early bytes");
 }
 
 #[test]
@@ -125,9 +115,7 @@ fn auth_one_byte_per_write() {
         s.write_all(&[b]).unwrap();
         std::thread::sleep(std::time::Duration::from_millis(1));
     }
-    let mut head = [0u8; 4];
-    s.read_exact(&mut head).unwrap();
-    assert_eq!(head, [5, 2, 1, 0]);
+    expect(&mut s, &[5, 2, 1, 0]);
     assert_eq!(read_reply(&mut s).unwrap().0, 0);
     echo_ok(&mut s);
 }
@@ -139,17 +127,14 @@ fn auth_exempt_clients_skip_login_and_others_do_not() {
     // From 127.0.0.1: NO AUTHENTICATION is accepted.
     let mut s = connect_from("127.0.0.1", proxy.addr);
     s.write_all(&[5, 1, 0]).unwrap();
-    let mut m = [0u8; 2];
-    s.read_exact(&mut m).unwrap();
-    assert_eq!(m, [5, 0]);
+    expect(&mut s, &[5, 0]);
     s.write_all(&connect_request(echo)).unwrap();
     assert_eq!(read_reply(&mut s).unwrap().0, 0);
     echo_ok(&mut s);
     // From 127.0.0.2: a password is required.
     let mut s = connect_from("127.0.0.2", proxy.addr);
     s.write_all(&[5, 1, 0]).unwrap();
-    s.read_exact(&mut m).unwrap();
-    assert_eq!(m, [5, 0xff]);
+    expect(&mut s, &[5, 0xff]);
     assert!(closed(&mut s));
 }
 

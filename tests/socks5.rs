@@ -10,9 +10,7 @@ use std::time::Duration;
 
 fn echo_roundtrip(s: &mut TcpStream, msg: &[u8]) {
     s.write_all(msg).unwrap();
-    let mut back = vec![0u8; msg.len()];
-    s.read_exact(&mut back).unwrap();
-    assert_eq!(back, msg);
+    expect(s, msg);
 }
 
 #[test]
@@ -167,9 +165,7 @@ fn no_acceptable_method_gets_ff_then_close() {
         let mut g = vec![5, methods.len() as u8];
         g.extend_from_slice(methods);
         s.write_all(&g).unwrap();
-        let mut m = [0u8; 2];
-        s.read_exact(&mut m).unwrap();
-        assert_eq!(m, [5, 0xff]);
+        expect(&mut s, &[5, 0xff]);
         assert!(closed(&mut s));
     }
 }
@@ -181,9 +177,7 @@ fn several_methods_get_the_supported_one() {
     let echo = echo_server("127.0.0.1:0");
     let mut s = connect(proxy.addr);
     s.write_all(&[5, 3, 1, 2, 0]).unwrap();
-    let mut m = [0u8; 2];
-    s.read_exact(&mut m).unwrap();
-    assert_eq!(m, [5, 0]);
+    expect(&mut s, &[5, 0]);
     s.write_all(&connect_request(echo)).unwrap();
     assert_eq!(read_reply(&mut s).unwrap().0, 0);
 }
@@ -227,15 +221,11 @@ fn pipelined_greeting_request_and_payload() {
     let payload: Vec<u8> = (0..5000u32).map(|i| i as u8).collect();
     wire.extend_from_slice(&payload);
     s.write_all(&wire).unwrap();
-    let mut m = [0u8; 2];
-    s.read_exact(&mut m).unwrap();
-    assert_eq!(m, [5, 0]);
+    expect(&mut s, &[5, 0]);
     assert_eq!(read_reply(&mut s).unwrap().0, 0);
     // Nothing more is sent until the payload is back: no later event may
     // be needed to forward it.
-    let mut back = vec![0u8; payload.len()];
-    s.read_exact(&mut back).unwrap();
-    assert_eq!(back, payload);
+    expect(&mut s, &payload);
 }
 
 /// Server-speaks-first protocols (SMTP, SSH): the banner may arrive with
@@ -249,9 +239,7 @@ fn upstream_speaks_first() {
     });
     for _ in 0..20 {
         let mut s = open(proxy.addr, upstream);
-        let mut banner = [0u8; 11];
-        s.read_exact(&mut banner).unwrap();
-        assert_eq!(&banner, b"220 ready\r\n");
+        expect(&mut s, b"220 ready\r\n");
     }
 }
 
@@ -267,9 +255,7 @@ fn one_byte_per_write_handshake() {
         // Separate segments, so the server sees each byte on its own.
         std::thread::sleep(Duration::from_millis(2));
         if i == 3 {
-            let mut m = [0u8; 2];
-            s.read_exact(&mut m).unwrap();
-            assert_eq!(m, [5, 0]);
+            expect(&mut s, &[5, 0]);
         }
     }
     assert_eq!(read_reply(&mut s).unwrap().0, 0);
@@ -362,9 +348,7 @@ fn five_hundred_concurrent_sessions() {
         s.write_all(&[i as u8; 64]).unwrap();
     }
     for (i, s) in clients.iter_mut().enumerate() {
-        let mut back = [0u8; 64];
-        s.read_exact(&mut back).unwrap();
-        assert_eq!(back, [i as u8; 64]);
+        expect(s, &[i as u8; 64]);
     }
     drop(clients);
     proxy.wait_sessions(0);

@@ -330,3 +330,10 @@ pub fn eventually(what: &str, mut f: impl FnMut() -> bool) {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Reads exactly `want.len()` bytes and checks they are `want`.
+pub fn expect(s: &mut TcpStream, want: &[u8]) {
+    let mut got = vec![0u8; want.len()];
+    s.read_exact(&mut got).unwrap_or_else(|e| panic!("reading {want:?}: {e}"));
+    assert_eq!(got, want);
+}
