@@ -15,38 +15,84 @@ pub(crate) const HANDSHAKE_BUF: usize = 1024;
 /// Free buffers of two sizes: handshake and relay. Checkouts take from the
 /// free lists and allocate only when one is empty, so once the pool has
 /// grown to the peak number of buffers in flight, moving data allocates
-/// nothing. It keeps that peak; the cap on sessions bounds it at two relay
-/// buffers a session.
+/// nothing. After a spike, [`Pool::trim`] frees what went unused for a
+/// whole period, so the peak is not kept forever.
 pub(crate) struct Pool {
     size: usize,
-    relay: Vec<Buf>,
-    handshake: Vec<Buf>,
+    relay: FreeList,
+    handshake: FreeList,
+}
+
+/// Free buffers, and the fewest there were since the last trim: that many
+/// were not needed during the period.
+#[derive(Default)]
+struct FreeList {
+    bufs: Vec<Buf>,
+    low: usize,
+}
+
+impl FreeList {
+    fn take(&mut self, size: usize) -> Buf {
+        let buf = self.bufs.pop();
+        self.low = self.low.min(self.bufs.len());
+        buf.unwrap_or_else(|| vec![0; size].into_boxed_slice())
+    }
+
+    fn trim(&mut self) -> usize {
+        let unused = self.low;
+        self.bufs.truncate(self.bufs.len() - unused);
+        self.low = self.bufs.len();
+        unused
+    }
 }
 
 impl Pool {
     pub(crate) fn new(size: usize) -> Pool {
-        Pool { size, relay: Vec::new(), handshake: Vec::new() }
+        Pool { size, relay: FreeList::default(), handshake: FreeList::default() }
     }
 
     pub(crate) fn relay(&mut self) -> Buf {
-        self.relay.pop().unwrap_or_else(|| vec![0; self.size].into_boxed_slice())
+        self.relay.take(self.size)
     }
 
     pub(crate) fn handshake(&mut self) -> Buf {
-        self.handshake.pop().unwrap_or_else(|| vec![0; HANDSHAKE_BUF].into_boxed_slice())
+        self.handshake.take(HANDSHAKE_BUF)
+    }
+
+    /// Frees the buffers that stayed in the pool since the last call;
+    /// returns how many. Called every [`TRIM_PERIOD`].
+    pub(crate) fn trim(&mut self) -> usize {
+        let freed = self.relay.trim() + self.handshake.trim();
+        if freed > 0 {
+            release_to_os();
+        }
+        freed
     }
 
     pub(crate) fn put(&mut self, buf: Buf) {
         if buf.len() == self.size {
-            self.relay.push(buf);
+            self.relay.bufs.push(buf);
         } else {
-            self.handshake.push(buf);
+            self.handshake.bufs.push(buf);
         }
     }
 
     #[cfg(test)]
     fn free(&self) -> (usize, usize) {
-        (self.relay.len(), self.handshake.len())
+        (self.relay.bufs.len(), self.handshake.bufs.len())
+    }
+}
+
+/// How often the pool gives back what a traffic spike left unused.
+pub(crate) const TRIM_PERIOD: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Buffers live inside malloc's heap, which keeps freed memory for reuse;
+/// glibc can be asked to hand free pages back.
+fn release_to_os() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks malloc's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
@@ -97,6 +143,22 @@ mod tests {
         assert_eq!(pool.free(), (1, 1));
         let (a, b) = (pool.relay(), pool.handshake());
         assert_eq!((a.as_ptr(), b.as_ptr()), (pa, pb));
+    }
+
+    #[test]
+    fn trim_frees_only_what_a_whole_period_left_unused() {
+        let mut pool = Pool::new(4096);
+        let bufs: Vec<Buf> = (0..4).map(|_| pool.relay()).collect();
+        bufs.into_iter().for_each(|b| pool.put(b));
+        // All four were in use during this period.
+        assert_eq!(pool.trim(), 0);
+        // This period needs one at a time: three were never touched.
+        let b = pool.relay();
+        pool.put(b);
+        assert_eq!(pool.trim(), 3);
+        assert_eq!(pool.free(), (1, 0));
+        assert_eq!(pool.trim(), 1);
+        assert_eq!(pool.free(), (0, 0));
     }
 
     #[test]

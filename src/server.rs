@@ -1,7 +1,7 @@
 //! The poll loop: listeners, sessions, the resolver's wake-ups and the
 //! deadlines, on one thread.
 
-use crate::buf::Pool;
+use crate::buf::{Pool, TRIM_PERIOD};
 use crate::config::Config;
 use crate::conn::{Conn, Ctx, Ready, Step};
 use crate::limits::Limits;
@@ -220,6 +220,7 @@ impl Server {
             resume_at: self.max_conns - self.max_conns / 10 - 1,
             last_warn: None,
             stop_deadline: None,
+            next_trim: now + TRIM_PERIOD,
             now,
             server: self,
         };
@@ -284,6 +285,7 @@ struct Loop {
     resume_at: usize,
     last_warn: Option<Instant>,
     stop_deadline: Option<Instant>,
+    next_trim: Instant,
     now: Instant,
 }
 
@@ -331,7 +333,7 @@ impl Loop {
             AcceptState::Backoff(at) => Some(at),
             _ => None,
         };
-        [self.env.timers.next_deadline(), backoff, self.stop_deadline]
+        [self.env.timers.next_deadline(), backoff, self.stop_deadline, Some(self.next_trim)]
             .into_iter()
             .flatten()
             .min()
@@ -523,8 +525,15 @@ impl Loop {
     }
 
     /// Periodic chores: resuming a backed-off listener, operator warnings,
-    /// the session gauge.
+    /// trimming the buffer pool, the session gauge.
     fn maintain(&mut self) {
+        if self.now >= self.next_trim {
+            self.next_trim = self.now + TRIM_PERIOD;
+            let freed = self.env.pool.trim();
+            if freed > 0 {
+                debug!("freed {freed} buffers unused for {TRIM_PERIOD:?}");
+            }
+        }
         if let AcceptState::Backoff(at) = self.accept
             && self.now >= at
         {
