@@ -32,8 +32,8 @@ enum Next {
     Read,
     /// Consumed; go on to the next phase.
     Phase(Phase, usize),
-    /// The handshake is over, one way or the other.
-    Done(State, Flow),
+    /// The handshake failed (any answer has been sent).
+    Close(&'static str),
 }
 
 impl Handshake {
@@ -55,13 +55,10 @@ impl Handshake {
                     Ok(Status::Partial) => Next::Read,
                     Err(e) => {
                         log::debug!("#{} {e}", ctx.key);
-                        Next::Done(
-                            State::Closed,
-                            Flow::Close(e.reply().map_or("bad request", |r| fail(&mut client.stream, r))),
-                        )
+                        Next::Close(e.reply().map_or("bad request", |r| fail(&mut client.stream, r)))
                     }
                     Ok(Status::Complete(req, _)) if req.command != Command::Connect => {
-                        Next::Done(State::Closed, Flow::Close(fail(&mut client.stream, Reply::CommandNotSupported)))
+                        Next::Close(fail(&mut client.stream, Reply::CommandNotSupported))
                     }
                     Ok(Status::Complete(req, n)) => {
                         let port = req.port;
@@ -86,13 +83,7 @@ impl Handshake {
                     self.phase = phase;
                     continue;
                 }
-                Next::Done(state, flow) => {
-                    // The buffer goes back with the state that ends here.
-                    return match state {
-                        State::Closed => (State::Handshake(self), flow),
-                        other => (other, flow),
-                    };
-                }
+                Next::Close(why) => return (State::Handshake(self), Flow::Close(why)),
                 Next::Read => {}
             }
             if self.len == self.buf.len() {
@@ -122,10 +113,6 @@ impl Handshake {
     }
 }
 
-fn close(why: &'static str) -> Next {
-    Next::Done(State::Closed, Flow::Close(why))
-}
-
 /// The first bytes pick the protocol; a SOCKS5 greeting picks the method.
 fn greeting(data: &[u8], client: &mut Client, ctx: &mut Ctx<'_>) -> Next {
     match sniff(data) {
@@ -133,12 +120,12 @@ fn greeting(data: &[u8], client: &mut Client, ctx: &mut Ctx<'_>) -> Next {
         Status::Complete(Sniff::Http, _) => {
             send(&mut client.stream, HTTP_400);
             reject(&mut client.stream);
-            close("HTTP request on the SOCKS port")
+            Next::Close("HTTP request on the SOCKS port")
         }
-        Status::Complete(Sniff::Other, _) => close("not SOCKS5"),
+        Status::Complete(Sniff::Other, _) => Next::Close("not SOCKS5"),
         Status::Complete(Sniff::Socks5, _) => match parse_greeting(data) {
             Ok(Status::Partial) => Next::Read,
-            Err(_) => close("bad greeting"),
+            Err(_) => Next::Close("bad greeting"),
             Ok(Status::Complete(greeting, n)) => {
                 // With users configured, only a password will do, except for
                 // exempt clients, who may also go without (a client that
@@ -155,9 +142,9 @@ fn greeting(data: &[u8], client: &mut Client, ctx: &mut Ctx<'_>) -> Next {
                 match method {
                     Method::NoAcceptable => {
                         reject(&mut client.stream);
-                        close("no acceptable method")
+                        Next::Close("no acceptable method")
                     }
-                    _ if !sent => close("client gone"),
+                    _ if !sent => Next::Close("client gone"),
                     Method::UserPass => Next::Phase(Phase::Auth, n),
                     _ => Next::Phase(Phase::Request, n),
                 }
@@ -170,7 +157,7 @@ fn greeting(data: &[u8], client: &mut Client, ctx: &mut Ctx<'_>) -> Next {
 fn auth(data: &[u8], client: &mut Client, ctx: &mut Ctx<'_>) -> Next {
     let (creds, n) = match parse_auth(data) {
         Ok(Status::Partial) => return Next::Read,
-        Err(_) => return close("bad username/password message"),
+        Err(_) => return Next::Close("bad username/password message"),
         Ok(Status::Complete(creds, n)) => (creds, n),
     };
     let Credentials { user, password } = creds;
@@ -189,12 +176,12 @@ fn auth(data: &[u8], client: &mut Client, ctx: &mut Ctx<'_>) -> Next {
     let sent = send(&mut client.stream, &out[..len]);
     match verdict {
         Ok(()) if sent => Next::Phase(Phase::Request, n),
-        Ok(()) => close("client gone"),
+        Ok(()) => Next::Close("client gone"),
         Err(why) => {
             let peer = client.stream.peer_addr().map_or_else(|_| "?".to_string(), |a| a.to_string());
             log::warn!("{why}: user {:?} from {peer}", user.escape_ascii().to_string());
             reject(&mut client.stream);
-            close(why)
+            Next::Close(why)
         }
     }
 }
