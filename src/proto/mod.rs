@@ -146,4 +146,59 @@ mod tests {
             }
         }
     }
+
+    /// Random inputs, biased towards plausible headers: parsers never panic,
+    /// never claim more bytes than given, every prefix of a complete
+    /// message is `Partial`, and an error stays an error whatever follows
+    /// (errors are final).
+    #[test]
+    fn random_inputs_keep_the_parser_contract() {
+        type Parse = fn(&[u8]) -> Result<Status<usize>, ProtoError>;
+        let parsers: [(&str, Parse); 4] = [
+            ("greeting", |b| parse_greeting(b).map(|s| s.map(|_| 0))),
+            ("request", |b| parse_request(b).map(|s| s.map(|_| 0))),
+            ("reply", |b| parse_reply(b).map(|s| s.map(|_| 0))),
+            ("auth", |b| parse_auth(b).map(|s| s.map(|_| 0))),
+        ];
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for _ in 0..20_000 {
+            let len = (next() % 300) as usize;
+            let mut buf: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            // Plausible first bytes: versions 5 and 1, small commands,
+            // real address types, short lengths.
+            let plausible =
+                [[5u8, 1][(next() % 2) as usize], 1, 0, [1, 3, 4][(next() % 3) as usize], (next() % 8) as u8];
+            for (i, b) in plausible.iter().enumerate() {
+                if i < buf.len() && next() % 4 != 0 {
+                    buf[i] = *b;
+                }
+            }
+            if buf.len() > 1 && buf[0] == 1 {
+                buf[1] %= 8; // a short user name, so the password length is in reach
+            }
+            let _ = sniff(&buf);
+            for (name, parse) in parsers {
+                match parse(&buf) {
+                    Ok(Status::Complete(_, n)) => {
+                        assert!(n <= buf.len(), "{name}: took {n} of {}", buf.len());
+                        for k in 0..n {
+                            assert_eq!(parse(&buf[..k]), Ok(Status::Partial), "{name}: prefix {k} of {buf:?}");
+                        }
+                    }
+                    Ok(Status::Partial) => {}
+                    Err(e) => {
+                        let mut more = buf.clone();
+                        more.extend_from_slice(&[next() as u8, 0, 3, 1, 255]);
+                        assert_eq!(parse(&more), Err(e), "{name}: error must be final for {buf:?}");
+                    }
+                }
+            }
+        }
+    }
 }
