@@ -62,7 +62,8 @@ impl Default for Config {
     }
 }
 
-/// Smallest relay buffer: a whole handshake must fit in one.
+/// Smallest relay buffer: below this, syscalls per byte cost more than the
+/// memory saved.
 pub const MIN_BUFFER_SIZE: usize = 1024;
 /// Largest relay buffer: offsets are kept as `u32`.
 pub const MAX_BUFFER_SIZE: usize = 16 * 1024 * 1024;
