@@ -218,7 +218,7 @@ impl Server {
             next_id: 0,
             accept: AcceptState::Open,
             resume_at: self.max_conns - self.max_conns / 10 - 1,
-            last_warn: None,
+            last_warn: [None; Warn::COUNT],
             stop_deadline: None,
             next_trim: now + TRIM_PERIOD,
             now,
@@ -226,6 +226,20 @@ impl Server {
         };
         lp.run()
     }
+}
+
+/// Operator warnings, each rate-limited on its own so that a flood of one
+/// kind cannot hide another.
+#[derive(Clone, Copy)]
+enum Warn {
+    Full = 0,
+    Accept = 1,
+    PerClient = 2,
+    Resolver = 3,
+}
+
+impl Warn {
+    const COUNT: usize = 4;
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -283,7 +297,8 @@ struct Loop {
     next_id: u32,
     accept: AcceptState,
     resume_at: usize,
-    last_warn: Option<Instant>,
+    /// When each kind of warning was last logged.
+    last_warn: [Option<Instant>; Warn::COUNT],
     stop_deadline: Option<Instant>,
     next_trim: Instant,
     now: Instant,
@@ -356,18 +371,21 @@ impl Loop {
         }
         let mut ctx = self.env.ctx(self.server.poll.registry(), self.now, key, conn.id);
         let step = conn.drive(&mut ctx);
-        // One deferred turn at most per session: `again` stays no longer
-        // than the slab, and so stops growing once the slab has.
-        if matches!(step, Step::Again) && std::mem::replace(&mut conn.deferred, true) {
-            return;
-        }
         self.after(key, conn_token(key, id), step);
     }
 
     fn after(&mut self, key: usize, t: Token, step: Step) {
         match step {
             Step::Wait => {}
-            Step::Again => self.again.push(t),
+            // One deferred turn at most per session: `again` stays no longer
+            // than the slab, and so stops growing once the slab has.
+            Step::Again => {
+                if let Some(conn) = self.conns.get_mut(key)
+                    && !std::mem::replace(&mut conn.deferred, true)
+                {
+                    self.again.push(t);
+                }
+            }
             Step::Close(why) => self.close(key, why),
         }
     }
@@ -427,7 +445,7 @@ impl Loop {
             if self.conns.len() >= self.server.max_conns {
                 self.accept = AcceptState::Full;
                 let max = self.server.max_conns;
-                self.warn(format_args!("at max connections ({max}): accepting paused"));
+                self.warn(Warn::Full, format_args!("at max connections ({max}): accepting paused"));
                 return;
             }
             let Some(listener) = self.server.listeners.get(i) else { return };
@@ -436,7 +454,7 @@ impl Loop {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if is_resource_error(&e) => {
                     self.accept = AcceptState::Backoff(self.now + ACCEPT_BACKOFF);
-                    self.warn(format_args!("accept: {e}; pausing for {ACCEPT_BACKOFF:?}"));
+                    self.warn(Warn::Accept, format_args!("accept: {e}; pausing for {ACCEPT_BACKOFF:?}"));
                     return;
                 }
                 // Aborted handshakes and the like concern one client only.
@@ -462,7 +480,7 @@ impl Loop {
         }
         let key = self.conns.vacant_key();
         if !self.env.limits.admit_client(key, peer.ip()) {
-            self.warn(format_args!("{peer} refused: its address has its maximum of connections"));
+            self.warn(Warn::PerClient, format_args!("{peer} refused: its address has its maximum of connections"));
             return;
         }
         let _ = stream.set_nodelay(true);
@@ -541,7 +559,7 @@ impl Loop {
         }
         if self.env.resolver_full > 0 {
             let n = self.env.resolver_full;
-            if self.warn(format_args!("resolver queue full: {n} requests refused")) {
+            if self.warn(Warn::Resolver, format_args!("resolver queue full: {n} requests refused")) {
                 self.env.resolver_full = 0;
             }
         }
@@ -549,11 +567,12 @@ impl Loop {
     }
 
     /// Logs a warning unless one was logged within `WARN_EVERY`.
-    fn warn(&mut self, msg: std::fmt::Arguments<'_>) -> bool {
-        if self.last_warn.is_some_and(|t| self.now < t + WARN_EVERY) {
+    fn warn(&mut self, kind: Warn, msg: std::fmt::Arguments<'_>) -> bool {
+        let last = &mut self.last_warn[kind as usize];
+        if last.is_some_and(|t| self.now < t + WARN_EVERY) {
             return false;
         }
-        self.last_warn = Some(self.now);
+        *last = Some(self.now);
         warn!("{msg}");
         true
     }
