@@ -74,6 +74,7 @@ impl Cli {
             max_connections: self.max_connections,
             buffer_size: self.buffer_size,
             resolver_threads: self.resolver_threads,
+            lookup: slabsocks::Lookup::system(),
             shutdown_grace: self.shutdown_grace,
             users: None, // loaded by main, which can report the file's errors
             rules: Rules {

@@ -1,5 +1,6 @@
 //! Plain server configuration, independent of how it was obtained.
 
+use crate::resolver::Lookup;
 use crate::rules::Rules;
 use crate::users::Users;
 use std::fmt;
@@ -30,6 +31,8 @@ pub struct Config {
     /// Threads resolving domain names. 0 disables name resolution: requests
     /// by name get REP 0x04 (IP literals still work).
     pub resolver_threads: usize,
+    /// How the resolver threads look names up (default: getaddrinfo).
+    pub lookup: Lookup,
     /// After shutdown is requested, open sessions get this long to finish.
     pub shutdown_grace: Duration,
     /// When set, clients must log in (RFC 1929) unless `rules.auth_exempt`
@@ -53,6 +56,7 @@ impl Default for Config {
             max_connections: None,
             buffer_size: 16 * 1024,
             resolver_threads: 4,
+            lookup: Lookup::system(),
             shutdown_grace: Duration::from_secs(5),
             users: None,
             rules: Rules::default(),

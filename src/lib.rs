@@ -31,4 +31,5 @@ mod timer;
 pub mod users;
 
 pub use config::{Config, ConfigError, MAX_BUFFER_SIZE, MIN_BUFFER_SIZE};
+pub use resolver::Lookup;
 pub use server::{Handle, Server};

@@ -8,6 +8,61 @@ use std::io;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
+/// How names are looked up: a function from `(host, port)` to the addresses
+/// to try, in order, called on the resolver threads (never on the loop), so
+/// it may block. The default is the system's getaddrinfo.
+///
+/// Errors map to replies through [`crate::proto::Reply::from_io`]: return
+/// [`io::ErrorKind::NotFound`] for a name that does not exist (REP `0x04`).
+/// An empty list is treated as `NotFound`.
+///
+/// ```
+/// use std::net::SocketAddr;
+/// let hosts = slabsocks::Lookup::new(|host: &str, port: u16| match host {
+///     "db.internal" => Ok(vec![SocketAddr::from(([10, 0, 0, 5], port))]),
+///     _ => Err(std::io::Error::new(std::io::ErrorKind::NotFound, "unknown host")),
+/// });
+/// let config = slabsocks::Config { lookup: hosts, ..Default::default() };
+/// # let _ = config;
+/// ```
+#[derive(Clone)]
+pub struct Lookup(Arc<LookupFn>);
+
+type LookupFn = dyn Fn(&str, u16) -> io::Result<Vec<SocketAddr>> + Send + Sync;
+
+impl Lookup {
+    pub fn new(f: impl Fn(&str, u16) -> io::Result<Vec<SocketAddr>> + Send + Sync + 'static) -> Lookup {
+        Lookup(Arc::new(f))
+    }
+
+    /// getaddrinfo, through the standard library.
+    pub fn system() -> Lookup {
+        Lookup::new(getaddrinfo)
+    }
+
+    /// Looks `host` up, folding an empty answer into `NotFound`.
+    pub fn resolve(&self, host: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
+        match (self.0)(host, port) {
+            Ok(addrs) if addrs.is_empty() => {
+                Err(io::Error::new(io::ErrorKind::NotFound, format!("{host}: no addresses")))
+            }
+            other => other,
+        }
+    }
+}
+
+impl Default for Lookup {
+    fn default() -> Lookup {
+        Lookup::system()
+    }
+}
+
+impl std::fmt::Debug for Lookup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Lookup(..)")
+    }
+}
+
 /// Pending jobs allowed per thread before submissions are refused.
 const QUEUE_PER_THREAD: usize = 256;
 
@@ -36,6 +91,7 @@ struct Shared {
     ready: Condvar,
     answers: Mutex<Vec<Answer>>,
     waker: Arc<Waker>,
+    lookup: Lookup,
 }
 
 pub(crate) struct Resolver {
@@ -50,12 +106,13 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Resolver {
-    pub(crate) fn start(threads: usize, waker: Arc<Waker>) -> io::Result<Resolver> {
+    pub(crate) fn start(threads: usize, waker: Arc<Waker>, lookup: Lookup) -> io::Result<Resolver> {
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue { jobs: VecDeque::new(), closed: false }),
             ready: Condvar::new(),
             answers: Mutex::new(Vec::new()),
             waker,
+            lookup,
         });
         for i in 0..threads {
             let shared = Arc::clone(&shared);
@@ -111,7 +168,7 @@ fn serve(shared: &Shared) {
                 q = shared.ready.wait(q).unwrap_or_else(|p| p.into_inner());
             }
         };
-        let addrs = resolve(&job.host, job.port);
+        let addrs = shared.lookup.resolve(&job.host, job.port);
         lock(&shared.answers).push(Answer { key: job.key, id: job.id, addrs });
         if let Err(e) = shared.waker.wake() {
             log::error!("resolver cannot wake the loop: {e}");
@@ -121,13 +178,9 @@ fn serve(shared: &Shared) {
 
 /// getaddrinfo, with its failures folded into `NotFound` so that
 /// [`crate::proto::Reply::from_io`] answers "host unreachable".
-fn resolve(host: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
-    let not_found = |why: String| io::Error::new(io::ErrorKind::NotFound, why);
+fn getaddrinfo(host: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
     match (host, port).to_socket_addrs() {
-        Ok(it) => {
-            let addrs: Vec<SocketAddr> = it.collect();
-            if addrs.is_empty() { Err(not_found(format!("{host}: no addresses"))) } else { Ok(addrs) }
-        }
-        Err(e) => Err(not_found(format!("{host}: {e}"))),
+        Ok(it) => Ok(it.collect()),
+        Err(e) => Err(io::Error::new(io::ErrorKind::NotFound, format!("{host}: {e}"))),
     }
 }

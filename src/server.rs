@@ -178,7 +178,7 @@ impl Server {
     pub fn run(self) -> io::Result<()> {
         let resolver = match self.config.resolver_threads {
             0 => None,
-            n => Some(Resolver::start(n, Arc::clone(&self.waker))?),
+            n => Some(Resolver::start(n, Arc::clone(&self.waker), self.config.lookup.clone())?),
         };
         let c = &self.config;
         let r = &c.rules;
