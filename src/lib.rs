@@ -17,18 +17,20 @@
 //! # Ok::<(), std::io::Error>(())
 //! ```
 
+mod accept;
 mod buf;
 mod config;
 mod conn;
 mod limits;
 pub mod proto;
-mod relay;
 mod resolver;
 pub mod rules;
 mod server;
 pub mod sys;
 mod timer;
+mod token;
 pub mod users;
+mod warn;
 
 pub use config::{Config, ConfigError, MAX_BUFFER_SIZE, MIN_BUFFER_SIZE};
 pub use resolver::Lookup;

@@ -1,64 +1,26 @@
 //! The poll loop: listeners, sessions, the resolver's wake-ups and the
 //! deadlines, on one thread.
 
+use crate::accept::{Accept, Accepted};
 use crate::buf::{Pool, TRIM_PERIOD};
 use crate::config::Config;
-use crate::conn::{Conn, Ctx, Ready, Step};
+use crate::conn::{Conn, Ctx, Env, Ready, Step};
 use crate::limits::Limits;
 use crate::resolver::{Answer, Resolver};
-use crate::rules::Rules;
 use crate::sys;
-use crate::timer::Timers;
+use crate::timer::{LINGER, Timers};
+use crate::token::{self, MAX_KEY, MAX_LISTENERS, Owner, WAKER};
 use crate::users::Users;
-use log::{debug, error, info, warn};
+use crate::warn::Warnings;
+use log::{debug, error, info};
 use mio::net::TcpListener;
-use mio::{Events, Interest, Poll, Token, Waker};
+use mio::{Events, Interest, Poll, Waker};
 use slab::Slab;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-// Token layout: | session id (high half) | slab key | role (1 bit) |.
-// The id makes a token unique to one session, so an event, a resolver
-// answer or a deferred turn for a session that has gone (its slot perhaps
-// reused) is recognised and dropped. Ids never have all high bits set, so
-// the reserved tokens at the top of the range cannot collide with a session.
-const HALF: u32 = usize::BITS / 2;
-const KEY_MASK: usize = (1 << (HALF - 1)) - 1;
-const ID_MASK: u32 = ((1u64 << HALF) - 2) as u32;
-const WAKER: Token = Token(usize::MAX);
-const LISTENER_BASE: usize = usize::MAX - 1;
-/// At most this many listeners (and so reserved tokens below the waker).
-const MAX_LISTENERS: usize = 64;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Role {
-    Client = 0,
-    Upstream = 1,
-}
-
-pub(crate) fn token(key: usize, id: u32, role: Role) -> Token {
-    Token(((id & ID_MASK) as usize) << HALF | key << 1 | role as usize)
-}
-
-fn listener_index(t: Token) -> Option<usize> {
-    let i = LISTENER_BASE.checked_sub(t.0)?;
-    (i < MAX_LISTENERS).then_some(i)
-}
-
-fn split(t: Token) -> (usize, u32, Role) {
-    let role = if t.0 & 1 == 0 { Role::Client } else { Role::Upstream };
-    ((t.0 >> 1) & KEY_MASK, (t.0 >> HALF) as u32, role)
-}
-
-/// Connections accepted per listener per turn.
-const ACCEPT_BATCH: usize = 64;
-/// Pause after accept fails for want of descriptors or memory.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
-/// Minimum interval between repeated operator warnings.
-const WARN_EVERY: Duration = Duration::from_secs(5);
 
 struct Shared {
     stop: AtomicBool,
@@ -143,14 +105,14 @@ impl Server {
         let mut addrs = Vec::with_capacity(listeners.len());
         for (i, l) in listeners.iter_mut().enumerate() {
             addrs.push(l.local_addr()?);
-            poll.registry().register(l, Token(LISTENER_BASE - i), Interest::READABLE)?;
+            poll.registry().register(l, token::listener(i), Interest::READABLE)?;
         }
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let max_conns = match config.max_connections {
             Some(n) => n,
             None => sys::max_connections_for(sys::nofile_limit()?),
         }
-        .min(KEY_MASK);
+        .min(MAX_KEY);
         let shared = Arc::new(Shared {
             stop: AtomicBool::new(false),
             sessions: AtomicUsize::new(0),
@@ -200,105 +162,58 @@ impl Server {
             if r.deny_private_dest { ", private destinations denied" } else { "" },
         );
         let now = Instant::now();
+        let durations = [Some(c.handshake_timeout), Some(c.connect_timeout), c.idle_timeout, Some(LINGER)];
+        let env = Env {
+            timers: Timers::new(now, durations),
+            pool: Pool::new(c.buffer_size),
+            resolver,
+            users: c.users.clone(),
+            rules: c.rules.clone(),
+            limits: Limits::new(c.max_connections_per_client, c.max_connections_per_user),
+            warnings: Warnings::default(),
+        };
+        let Server { poll, listeners, config, max_conns, shared, .. } = self;
         let mut lp = Loop {
-            env: Env {
-                timers: Timers::new(now, [Some(c.handshake_timeout), Some(c.connect_timeout), c.idle_timeout]),
-                pool: Pool::new(c.buffer_size),
-                resolver,
-                resolver_full: 0,
-                users: c.users.clone(),
-                rules: c.rules.clone(),
-                limits: Limits::new(c.max_connections_per_client, c.max_connections_per_user),
-            },
+            poll,
+            accept: Accept::new(listeners, max_conns),
+            config,
+            shared,
+            env,
             conns: Slab::new(),
             answers: Vec::new(),
             again: Vec::with_capacity(64),
             turn: Vec::with_capacity(64),
             listeners_deferred: 0,
-            next_id: 0,
-            accept: AcceptState::Open,
-            resume_at: self.max_conns - self.max_conns / 10 - 1,
-            last_warn: [None; Warn::COUNT],
             stop_deadline: None,
             next_trim: now + TRIM_PERIOD,
             now,
-            server: self,
         };
         lp.run()
     }
 }
 
-/// Operator warnings, each rate-limited on its own so that a flood of one
-/// kind cannot hide another.
-#[derive(Clone, Copy)]
-enum Warn {
-    Full = 0,
-    Accept = 1,
-    PerClient = 2,
-    Resolver = 3,
-}
-
-impl Warn {
-    const COUNT: usize = 4;
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum AcceptState {
-    Open,
-    /// At the session limit: resumes when sessions drop to `resume_at`.
-    Full,
-    /// accept failed for want of resources: resumes at the instant, or
-    /// sooner when a session closes.
-    Backoff(Instant),
-    Stopped,
-}
-
-/// What sessions borrow while they are driven.
-struct Env {
-    pool: Pool,
-    timers: Timers,
-    resolver: Option<Resolver>,
-    resolver_full: u64,
-    users: Option<Users>,
-    rules: Rules,
-    limits: Limits,
-}
-
-impl Env {
-    fn ctx<'a>(&'a mut self, registry: &'a mio::Registry, now: Instant, key: usize, id: u32) -> Ctx<'a> {
-        Ctx {
-            registry,
-            pool: &mut self.pool,
-            timers: &mut self.timers,
-            resolver: self.resolver.as_ref(),
-            now,
-            key,
-            id,
-            resolver_full: &mut self.resolver_full,
-            users: self.users.as_ref(),
-            rules: &self.rules,
-            limits: &mut self.limits,
-        }
-    }
+/// Work deferred to the end of the turn.
+#[derive(Debug, Clone, Copy)]
+enum Turn {
+    Listener(usize),
+    Session { key: usize, id: u32 },
 }
 
 struct Loop {
-    server: Server,
+    poll: Poll,
+    accept: Accept,
+    config: Config,
+    shared: Arc<Shared>,
     conns: Slab<Conn>,
     env: Env,
     answers: Vec<Answer>,
     /// Work deferred to the end of this turn: sessions and listeners that
     /// used up their budget. `turn` is its double buffer; both keep their
     /// capacity, so deferring allocates nothing once warm.
-    again: Vec<Token>,
-    turn: Vec<Token>,
+    again: Vec<Turn>,
+    turn: Vec<Turn>,
     /// Bit i: listener i is in `again`.
     listeners_deferred: u64,
-    next_id: u32,
-    accept: AcceptState,
-    resume_at: usize,
-    /// When each kind of warning was last logged.
-    last_warn: [Option<Instant>; Warn::COUNT],
     stop_deadline: Option<Instant>,
     next_trim: Instant,
     now: Instant,
@@ -309,20 +224,18 @@ impl Loop {
         let mut events = Events::with_capacity(1024);
         loop {
             let timeout = self.poll_timeout();
-            if let Err(e) = self.server.poll.poll(&mut events, timeout) {
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() != io::ErrorKind::Interrupted {
                     return Err(e);
                 }
             }
             self.now = Instant::now();
             for ev in events.iter() {
-                let t = ev.token();
-                if t == WAKER {
-                    self.on_wake();
-                } else if let Some(i) = listener_index(t) {
-                    self.accept(i);
-                } else {
-                    self.session_event(t, Ready::from_event(ev, split(t).2 == Role::Upstream), false);
+                match token::owner(ev.token()) {
+                    Some(Owner::Waker) => self.on_wake(),
+                    Some(Owner::Listener(i)) => self.accept(i),
+                    Some(Owner::Session { key, id, role }) => self.session_event(key, id, Ready::from_event(ev, role)),
+                    None => {}
                 }
             }
             self.run_deferred();
@@ -344,11 +257,7 @@ impl Loop {
         if !self.again.is_empty() {
             return Some(Duration::ZERO);
         }
-        let backoff = match self.accept {
-            AcceptState::Backoff(at) => Some(at),
-            _ => None,
-        };
-        [self.env.timers.next_deadline(), backoff, self.stop_deadline, Some(self.next_trim)]
+        [self.env.timers.next_deadline(), self.accept.deadline(), self.stop_deadline, Some(self.next_trim)]
             .into_iter()
             .flatten()
             .min()
@@ -356,25 +265,19 @@ impl Loop {
             .map(|at| at.saturating_duration_since(Instant::now()) + Duration::from_millis(1))
     }
 
-    /// Drives the session behind `t` (if it still exists) after adding
-    /// `bits` to its readiness.
-    /// `deferred`: this is the session's deferred turn.
-    fn session_event(&mut self, t: Token, bits: u8, deferred: bool) {
-        let (key, id, _) = split(t);
-        let Some(conn) = self.conns.get_mut(key) else { return };
-        if conn.id & ID_MASK != id {
-            return;
-        }
+    /// A socket event (or a deferred turn, with no `bits`): adds `bits` to
+    /// the readiness of the session in slot `key` and drives it, if it is
+    /// still session `id` (compared as far as a token carries ids).
+    fn session_event(&mut self, key: usize, id: u32, bits: u8) {
+        let Some(conn) = self.conns.get_mut(key).filter(|c| token::same_id(id, c.id)) else { return };
         conn.client.ready.set(bits);
-        if deferred {
-            conn.deferred = false;
-        }
-        let mut ctx = self.env.ctx(self.server.poll.registry(), self.now, key, conn.id);
+        let id = conn.id;
+        let mut ctx = Ctx { registry: self.poll.registry(), env: &mut self.env, now: self.now, key, id };
         let step = conn.drive(&mut ctx);
-        self.after(key, conn_token(key, id), step);
+        self.after(key, id, step);
     }
 
-    fn after(&mut self, key: usize, t: Token, step: Step) {
+    fn after(&mut self, key: usize, id: u32, step: Step) {
         match step {
             Step::Wait => {}
             // One deferred turn at most per session: `again` stays no longer
@@ -383,29 +286,31 @@ impl Loop {
                 if let Some(conn) = self.conns.get_mut(key)
                     && !std::mem::replace(&mut conn.deferred, true)
                 {
-                    self.again.push(t);
+                    self.again.push(Turn::Session { key, id });
                 }
             }
             Step::Close(why) => self.close(key, why),
         }
     }
 
-    fn close(&mut self, key: usize, why: &'static str) {
+    fn close(&mut self, key: usize, why: crate::conn::Close) {
         self.env.timers.cancel(key);
         let conn = self.conns.remove(key);
-        debug!("#{key} closed: {why}");
+        debug!("#{} closed: {why}", conn.id);
         self.env.limits.release(key, conn.client.user);
         // Dropping the sockets closes them, which removes them from the poll
         // set; a stale event already fetched is caught by the session id.
         conn.recycle(&mut self.env.pool);
-        self.maybe_resume_accept();
+        if self.accept.session_closed(self.conns.len()) {
+            self.retry_listeners();
+        }
     }
 
     fn on_wake(&mut self) {
-        if self.server.shared.stop.load(Ordering::SeqCst) && self.stop_deadline.is_none() {
+        if self.shared.stop.load(Ordering::SeqCst) && self.stop_deadline.is_none() {
             self.begin_shutdown();
         }
-        if let Some(users) = self.server.shared.new_users.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        if let Some(users) = self.shared.new_users.lock().unwrap_or_else(|p| p.into_inner()).take() {
             info!("users replaced: {} entries", users.len());
             self.env.users = Some(users);
         }
@@ -413,104 +318,45 @@ impl Loop {
         let mut answers = std::mem::take(&mut self.answers);
         resolver.drain(&mut answers);
         for Answer { key, id, addrs } in answers.drain(..) {
-            let Some(conn) = self.conns.get_mut(key) else { continue };
-            if conn.id != id {
-                continue;
-            }
-            let mut ctx = self.env.ctx(self.server.poll.registry(), self.now, key, id);
+            // An answer for a session that has gone is dropped without
+            // touching the slot's new session.
+            let Some(conn) = self.conns.get_mut(key).filter(|c| c.id == id) else { continue };
+            let mut ctx = Ctx { registry: self.poll.registry(), env: &mut self.env, now: self.now, key, id };
             let step = conn.resolved(addrs, &mut ctx);
-            self.after(key, conn_token(key, id), step);
+            self.after(key, id, step);
         }
         self.answers = answers;
     }
 
     fn begin_shutdown(&mut self) {
-        for mut l in self.server.listeners.drain(..) {
-            let _ = self.server.poll.registry().deregister(&mut l);
-        }
-        self.accept = AcceptState::Stopped;
-        self.stop_deadline = Some(self.now + self.server.config.shutdown_grace);
+        self.accept.stop(self.poll.registry());
+        self.stop_deadline = Some(self.now + self.config.shutdown_grace);
         info!(
             "shutting down: {} sessions open, waiting up to {:?} for them",
             self.conns.len(),
-            self.server.config.shutdown_grace
+            self.config.shutdown_grace
         );
     }
 
     fn accept(&mut self, i: usize) {
-        if self.accept != AcceptState::Open {
-            return;
+        let registry = self.poll.registry();
+        if self.accept.accept(i, &mut self.conns, &mut self.env, registry, self.now) == Accepted::More {
+            self.defer_listener(i);
         }
-        for _ in 0..ACCEPT_BATCH {
-            if self.conns.len() >= self.server.max_conns {
-                self.accept = AcceptState::Full;
-                let max = self.server.max_conns;
-                self.warn(Warn::Full, format_args!("at max connections ({max}): accepting paused"));
-                return;
-            }
-            let Some(listener) = self.server.listeners.get(i) else { return };
-            match listener.accept() {
-                Ok((stream, peer)) => self.admit(stream, peer),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if is_resource_error(&e) => {
-                    self.accept = AcceptState::Backoff(self.now + ACCEPT_BACKOFF);
-                    self.warn(Warn::Accept, format_args!("accept: {e}; pausing for {ACCEPT_BACKOFF:?}"));
-                    return;
-                }
-                // Aborted handshakes and the like concern one client only.
-                Err(e) => debug!("accept: {e}"),
-            }
-        }
-        self.defer_listener(i);
     }
 
     fn defer_listener(&mut self, i: usize) {
         if self.listeners_deferred & (1 << i) == 0 {
             self.listeners_deferred |= 1 << i;
-            self.again.push(Token(LISTENER_BASE - i));
+            self.again.push(Turn::Listener(i));
         }
     }
 
-    /// Rules and limits on the client address apply before any byte is
-    /// read or written: a refused client is closed straight away.
-    fn admit(&mut self, mut stream: mio::net::TcpStream, peer: SocketAddr) {
-        if !self.env.rules.client_allowed(peer.ip()) {
-            debug!("{peer} refused: not an allowed client");
-            return;
-        }
-        let key = self.conns.vacant_key();
-        if !self.env.limits.admit_client(key, peer.ip()) {
-            self.warn(Warn::PerClient, format_args!("{peer} refused: its address has its maximum of connections"));
-            return;
-        }
-        let _ = stream.set_nodelay(true);
-        let id = self.next_id;
-        self.next_id = (self.next_id + 1) & ID_MASK;
-        let t = token(key, id, Role::Client);
-        if let Err(e) = self.server.poll.registry().register(&mut stream, t, Interest::READABLE | Interest::WRITABLE) {
-            warn!("cannot register a new connection: {e}");
-            self.env.limits.release(key, 0);
-            return;
-        }
-        debug!("#{key} accepted from {peer}");
-        let exempt = self.env.rules.auth_exempt(peer.ip());
-        self.conns.insert(Conn::new(id, stream, exempt, &mut self.env.pool));
-        self.env.timers.set(key, crate::timer::Kind::Handshake, self.now);
-    }
-
-    fn maybe_resume_accept(&mut self) {
-        let resume = match self.accept {
-            AcceptState::Full => self.conns.len() <= self.resume_at,
-            AcceptState::Backoff(at) => self.now >= at || self.conns.len() < self.server.max_conns,
-            _ => false,
-        };
-        if resume {
-            self.accept = AcceptState::Open;
-            // A paused listener gets no new edge for connections already
-            // queued: look at each one.
-            for i in 0..self.server.listeners.len() {
-                self.defer_listener(i);
-            }
+    /// A paused listener gets no new edge for connections already queued:
+    /// look at each one.
+    fn retry_listeners(&mut self) {
+        for i in 0..self.accept.listeners() {
+            self.defer_listener(i);
         }
     }
 
@@ -521,12 +367,16 @@ impl Loop {
         std::mem::swap(&mut self.again, &mut self.turn);
         let mut turn = std::mem::take(&mut self.turn);
         for &t in &turn {
-            match listener_index(t) {
-                Some(i) => {
+            match t {
+                Turn::Listener(i) => {
                     self.listeners_deferred &= !(1 << i);
                     self.accept(i);
                 }
-                None => self.session_event(t, 0, true),
+                Turn::Session { key, id } => {
+                    let Some(conn) = self.conns.get_mut(key).filter(|c| c.id == id) else { continue };
+                    conn.deferred = false;
+                    self.session_event(key, id, 0);
+                }
             }
         }
         turn.clear();
@@ -537,13 +387,14 @@ impl Loop {
         while let Some((key, kind)) = self.env.timers.pop_expired(self.now) {
             let Some(conn) = self.conns.get_mut(key) else { continue };
             let id = conn.id;
-            let step = conn.expired(kind);
-            self.after(key, conn_token(key, id), step);
+            let mut ctx = Ctx { registry: self.poll.registry(), env: &mut self.env, now: self.now, key, id };
+            let step = conn.expired(kind, &mut ctx);
+            self.after(key, id, step);
         }
     }
 
-    /// Periodic chores: resuming a backed-off listener, operator warnings,
-    /// trimming the buffer pool, the session gauge.
+    /// Periodic chores: resuming a backed-off listener, trimming the buffer
+    /// pool, the session gauge.
     fn maintain(&mut self) {
         if self.now >= self.next_trim {
             self.next_trim = self.now + TRIM_PERIOD;
@@ -552,56 +403,9 @@ impl Loop {
                 debug!("freed {freed} buffers unused for {TRIM_PERIOD:?}");
             }
         }
-        if let AcceptState::Backoff(at) = self.accept
-            && self.now >= at
-        {
-            self.maybe_resume_accept();
+        if self.accept.tick(self.now) {
+            self.retry_listeners();
         }
-        if self.env.resolver_full > 0 {
-            let n = self.env.resolver_full;
-            if self.warn(Warn::Resolver, format_args!("resolver queue full: {n} requests refused")) {
-                self.env.resolver_full = 0;
-            }
-        }
-        self.server.shared.sessions.store(self.conns.len(), Ordering::Relaxed);
-    }
-
-    /// Logs a warning unless one was logged within `WARN_EVERY`.
-    fn warn(&mut self, kind: Warn, msg: std::fmt::Arguments<'_>) -> bool {
-        let last = &mut self.last_warn[kind as usize];
-        if last.is_some_and(|t| self.now < t + WARN_EVERY) {
-            return false;
-        }
-        *last = Some(self.now);
-        warn!("{msg}");
-        true
-    }
-}
-
-fn conn_token(key: usize, id: u32) -> Token {
-    token(key, id, Role::Client)
-}
-
-fn is_resource_error(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tokens_round_trip_and_miss_reserved() {
-        for (key, id) in [(0, 0), (1, 7), (KEY_MASK, ID_MASK), (12345, u32::MAX)] {
-            for role in [Role::Client, Role::Upstream] {
-                let t = token(key, id, role);
-                assert_eq!(split(t), (key, id & ID_MASK, role));
-                assert_ne!(t, WAKER);
-                assert_eq!(listener_index(t), None);
-            }
-        }
-        assert_eq!(listener_index(Token(LISTENER_BASE)), Some(0));
-        assert_eq!(listener_index(Token(LISTENER_BASE - 63)), Some(63));
-        assert_eq!(listener_index(WAKER), None);
+        self.shared.sessions.store(self.conns.len(), Ordering::Relaxed);
     }
 }

@@ -1,38 +1,51 @@
-//! One session's state machine:
-//! `Handshake → (Resolving →) Connecting → Relaying`.
+//! One session: its state machine, and what it may use of the loop.
 //!
-//! Each state owns only what is valid in it, and a transition moves the
-//! state (and its buffers) by value into the next one. A handler returns the
-//! state to keep and a [`Flow`] saying what the loop should do next.
+//! `Handshake → dial (Resolving → Connecting) → Relaying`, and `Lingering`
+//! after an answer that ends the session. Each state owns only what is valid
+//! in it, and a transition moves the state (and its buffers) by value into
+//! the next one. A handler returns the state to keep and a [`Flow`] saying
+//! what the driver should do next.
+//!
+//! This module never builds a token and never touches the loop's internals:
+//! sockets are registered through [`Ctx::register`], time comes in as
+//! `Ctx::now`.
 
-mod connect;
+mod dial;
 mod handshake;
+mod linger;
+mod relay;
 
 use crate::buf::{Buf, Pool};
 use crate::limits::Limits;
 use crate::proto::{Addr, Reply, encode_reply};
-use crate::relay::Relay;
 use crate::resolver::Resolver;
 use crate::rules::Rules;
 use crate::timer::{Kind, Timers};
+use crate::token::{self, Role};
 use crate::users::Users;
-use mio::Registry;
+use crate::warn::Warnings;
 use mio::net::TcpStream;
-use std::io::{self, Read, Write};
-use std::net::{Shutdown, SocketAddr};
+use mio::{Interest, Registry};
+use std::fmt;
+use std::io::{self, Write};
+use std::net::SocketAddr;
 use std::time::Instant;
 
-pub(crate) use connect::Addrs;
-use handshake::Handshake;
+use handshake::{Handshake, Progress};
+use linger::Lingering;
+use relay::Relay;
 
 /// Readiness we were told of and have not yet used up. Events set bits; an
 /// operation that answers `WouldBlock` clears its bit. Edge-triggered
 /// events come once, so a bit stays set while the socket may still have
 /// something for us, even when we stopped for want of buffer space.
 ///
-/// Each read bit has a "hang-up" bit four places up: the peer's FIN (or an
-/// error) is already queued, so a short read has not drained the socket.
-#[derive(Debug, Default, Clone, Copy)]
+/// The client's socket has the `CLIENT_` bits; the session's other socket
+/// (the upstream connection, and later BIND's listener or the UDP socket,
+/// never two at once) has the `UP_` bits. Each read bit has a "hang-up" bit
+/// four places up: the peer's FIN (or an error) is already queued, so a
+/// short read has not drained the socket.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Ready(u8);
 
 impl Ready {
@@ -40,9 +53,10 @@ impl Ready {
     pub const CLIENT_W: u8 = 2;
     pub const UP_R: u8 = 4;
     pub const UP_W: u8 = 8;
+    const UP_HUP: u8 = Ready::UP_R << 4;
 
-    /// The bits an event sets, for the client socket or the upstream one.
-    pub fn from_event(ev: &mio::event::Event, upstream: bool) -> u8 {
+    /// The bits an event sets for a socket in `role`.
+    pub fn from_event(ev: &mio::event::Event, role: Role) -> u8 {
         let hup = ev.is_read_closed() || ev.is_error();
         let mut bits = 0;
         if ev.is_readable() || hup {
@@ -54,7 +68,10 @@ impl Ready {
         if ev.is_writable() || ev.is_write_closed() || ev.is_error() {
             bits |= Ready::CLIENT_W;
         }
-        if upstream { bits << 2 } else { bits }
+        match role {
+            Role::Client => bits,
+            Role::Upstream | Role::BindListener | Role::Udp => bits << 2,
+        }
     }
 
     /// A read returned less than asked: the socket is drained, unless its
@@ -63,6 +80,11 @@ impl Ready {
         if !self.has(r_bit << 4) {
             self.clear(r_bit);
         }
+    }
+
+    /// Forgets everything known of the other socket: a new one replaces it.
+    pub fn reset_upstream(&mut self) {
+        self.clear(Ready::UP_R | Ready::UP_W | Ready::UP_HUP);
     }
 
     pub fn has(self, bit: u8) -> bool {
@@ -76,6 +98,68 @@ impl Ready {
     }
 }
 
+/// Why a session ended: a bounded set, for the log (and later for metrics
+/// labels).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Close {
+    HandshakeTimeout,
+    IdleTimeout,
+    /// EOF before the request was complete.
+    ClientClosedEarly,
+    /// A read error before the request was complete.
+    ClientError,
+    HandshakeTooLong,
+    /// The first bytes are neither SOCKS5 nor HTTP.
+    NotSocks,
+    HttpOnSocksPort,
+    BadGreeting,
+    NoAcceptableMethod,
+    BadAuth,
+    LoginFailed,
+    UserAtLimit,
+    /// A request that cannot be answered (wrong version): closed unanswered.
+    BadRequest,
+    /// An answer could not be written: the client has gone.
+    ClientGone,
+    /// The failure reply with this code was sent.
+    Failed(Reply),
+    /// The destination stopped taking data; what it sent was delivered.
+    UpstreamGone,
+    /// Both directions finished.
+    Done,
+}
+
+impl fmt::Display for Close {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = match self {
+            Close::HandshakeTimeout => "handshake timeout",
+            Close::IdleTimeout => "idle timeout",
+            Close::ClientClosedEarly => "client closed during the handshake",
+            Close::ClientError => "client error during the handshake",
+            Close::HandshakeTooLong => "handshake too long",
+            Close::NotSocks => "not SOCKS5",
+            Close::HttpOnSocksPort => "HTTP request on the SOCKS port",
+            Close::BadGreeting => "bad greeting",
+            Close::NoAcceptableMethod => "no acceptable method",
+            Close::BadAuth => "bad username/password message",
+            Close::LoginFailed => "login failed",
+            Close::UserAtLimit => "user is at its session limit",
+            Close::BadRequest => "bad request",
+            Close::ClientGone => "client gone",
+            Close::Failed(Reply::NotAllowed) => "denied by the rules (0x02)",
+            Close::Failed(Reply::ConnectionRefused) => "connection refused (0x05)",
+            Close::Failed(Reply::NetworkUnreachable) => "network unreachable (0x03)",
+            Close::Failed(Reply::HostUnreachable) => "host unreachable (0x04)",
+            Close::Failed(Reply::CommandNotSupported) => "command not supported (0x07)",
+            Close::Failed(Reply::AddrTypeNotSupported) => "address type not supported (0x08)",
+            Close::Failed(_) => "request failed (0x01)",
+            Close::UpstreamGone => "destination stopped taking data",
+            Close::Done => "done",
+        };
+        f.write_str(s)
+    }
+}
+
 /// What a state handler tells the driver.
 pub(crate) enum Flow {
     /// The state changed; run the new one at once (its bytes may already be
@@ -86,31 +170,48 @@ pub(crate) enum Flow {
     /// The work budget for this turn is spent with work left: run again
     /// after the other sessions have had theirs.
     Again,
-    /// The session is over.
-    Close(&'static str),
+    /// The session is over; the state returned with it still owns its
+    /// buffers, which the loop gives back when it removes the session.
+    Close(Close),
 }
 
 /// What the loop does after driving a session.
 pub(crate) enum Step {
     Wait,
     Again,
-    Close(&'static str),
+    Close(Close),
 }
 
-/// The loop's resources a session may use while it is driven.
+/// What sessions share, owned by the loop and lent to one session at a time.
+pub(crate) struct Env {
+    pub pool: Pool,
+    pub timers: Timers,
+    pub resolver: Option<Resolver>,
+    pub users: Option<Users>,
+    pub rules: Rules,
+    pub limits: Limits,
+    pub warnings: Warnings,
+}
+
+/// The loop's resources, lent to the session being driven.
 pub(crate) struct Ctx<'a> {
     pub registry: &'a Registry,
-    pub pool: &'a mut Pool,
-    pub timers: &'a mut Timers,
-    pub resolver: Option<&'a Resolver>,
+    pub env: &'a mut Env,
     pub now: Instant,
     pub key: usize,
     pub id: u32,
-    /// Requests refused because the resolver queue was full (the loop warns).
-    pub resolver_full: &'a mut u64,
-    pub users: Option<&'a Users>,
-    pub rules: &'a Rules,
-    pub limits: &'a mut Limits,
+}
+
+impl Ctx<'_> {
+    /// Registers one of this session's sockets under its token for `role`.
+    pub fn register(&self, source: &mut impl mio::event::Source, role: Role, interest: Interest) -> io::Result<()> {
+        self.registry.register(source, token::session(self.key, self.id, role), interest)
+    }
+
+    /// Arms this session's deadline of `kind`, replacing any other.
+    pub fn arm(&mut self, kind: Kind) {
+        self.env.timers.set(self.key, kind, self.now);
+    }
 }
 
 /// The client side of a session: its socket and what we know of it.
@@ -130,15 +231,42 @@ pub(crate) struct Carry {
     pub end: u32,
 }
 
+/// Whatever owns pooled buffers gives them back through this, and only
+/// through this: when the session closes ([`Conn::recycle`]) and when a
+/// failing state turns into [`Lingering`].
+pub(crate) trait Recycle {
+    fn recycle(self, pool: &mut Pool);
+}
+
+impl Recycle for Carry {
+    fn recycle(self, pool: &mut Pool) {
+        pool.put(self.buf);
+    }
+}
+
 pub(crate) enum State {
     Handshake(Handshake),
     /// Waiting for the resolver's answer.
-    Resolving {
-        carry: Carry,
-    },
-    Connecting(connect::Connecting),
+    Resolving(dial::Resolving),
+    Connecting(dial::Connecting),
     Relaying(Relay),
-    Closed,
+    /// Answered and finished: reading what the client still sends, so that
+    /// closing does not reset the answer away.
+    Lingering(Lingering),
+    /// Only while a handler holds the real state; owns nothing.
+    Taken,
+}
+
+impl Recycle for State {
+    fn recycle(self, pool: &mut Pool) {
+        match self {
+            State::Handshake(h) => h.recycle(pool),
+            State::Resolving(r) => r.recycle(pool),
+            State::Connecting(c) => c.recycle(pool),
+            State::Relaying(r) => r.recycle(pool),
+            State::Lingering(_) | State::Taken => {}
+        }
+    }
 }
 
 pub(crate) struct Conn {
@@ -159,15 +287,17 @@ impl Conn {
     /// Runs the state machine until it waits for an event.
     pub(crate) fn drive(&mut self, ctx: &mut Ctx<'_>) -> Step {
         loop {
-            let (state, flow) = match std::mem::replace(&mut self.state, State::Closed) {
-                State::Handshake(h) => h.step(&mut self.client, ctx),
-                s @ State::Resolving { .. } => (s, Flow::Wait),
-                State::Connecting(c) => c.step(&mut self.client, ctx),
-                State::Relaying(mut r) => {
-                    let flow = r.pump(&mut self.client.stream, &mut self.client.ready, ctx);
-                    (State::Relaying(r), flow)
-                }
-                State::Closed => (State::Closed, Flow::Close("closed")),
+            let client = &mut self.client;
+            let (state, flow) = match std::mem::replace(&mut self.state, State::Taken) {
+                State::Handshake(h) => match h.step(client, ctx) {
+                    Progress::Stay(state, flow) => (state, flow),
+                    Progress::Request(request) => dial::start(request, client, ctx),
+                },
+                s @ State::Resolving(_) => (s, Flow::Wait),
+                State::Connecting(c) => c.step(client, ctx),
+                State::Relaying(r) => r.step(client, ctx),
+                State::Lingering(l) => l.step(client),
+                State::Taken => (State::Taken, Flow::Close(Close::Done)),
             };
             self.state = state;
             match flow {
@@ -179,84 +309,77 @@ impl Conn {
         }
     }
 
-    /// The resolver's answer for this session.
+    /// The resolver's answer to this session's look-up. A session that is
+    /// not waiting for one is left exactly as it was.
     pub(crate) fn resolved(&mut self, addrs: io::Result<Vec<SocketAddr>>, ctx: &mut Ctx<'_>) -> Step {
-        let State::Resolving { carry } = std::mem::replace(&mut self.state, State::Closed) else {
+        if !matches!(self.state, State::Resolving(_)) {
+            return Step::Wait;
+        }
+        let State::Resolving(r) = std::mem::replace(&mut self.state, State::Taken) else {
             return Step::Wait;
         };
-        let (state, flow) = match addrs {
-            Ok(list) => connect::start(Addrs::list(list), carry, None, &mut self.client, ctx),
-            Err(e) => (State::Resolving { carry }, Flow::Close(fail(&mut self.client.stream, Reply::from_io(&e)))),
-        };
+        let (state, flow) = r.resolved(addrs, &mut self.client, ctx);
         self.state = state;
-        match flow {
-            Flow::Close(why) => Step::Close(why),
-            _ => self.drive(ctx),
-        }
+        self.after(flow, ctx)
     }
 
     /// A deadline armed for this session has passed.
-    pub(crate) fn expired(&mut self, kind: Kind) -> Step {
+    pub(crate) fn expired(&mut self, kind: Kind, ctx: &mut Ctx<'_>) -> Step {
         match (kind, &self.state) {
-            (Kind::Connect, State::Resolving { .. } | State::Connecting(_)) => {
+            (Kind::Connect, State::Resolving(_) | State::Connecting(_)) => {
+                let state = std::mem::replace(&mut self.state, State::Taken);
                 let timed_out = io::Error::from(io::ErrorKind::TimedOut);
-                Step::Close(fail(&mut self.client.stream, Reply::from_io(&timed_out)))
+                let (state, flow) = fail(state, Reply::from_io(&timed_out), &mut self.client, ctx);
+                self.state = state;
+                self.after(flow, ctx)
             }
-            (Kind::Handshake, _) => Step::Close("handshake timeout"),
-            (Kind::Idle, _) => Step::Close("idle timeout"),
+            (Kind::Handshake, _) => Step::Close(Close::HandshakeTimeout),
+            (Kind::Idle, _) => Step::Close(Close::IdleTimeout),
+            (Kind::Linger, State::Lingering(l)) => Step::Close(l.why()),
             _ => Step::Wait,
+        }
+    }
+
+    fn after(&mut self, flow: Flow, ctx: &mut Ctx<'_>) -> Step {
+        match flow {
+            Flow::Close(why) => Step::Close(why),
+            Flow::Again => Step::Again,
+            Flow::Wait | Flow::Continue => self.drive(ctx),
         }
     }
 
     /// Gives the session's buffers back to the pool.
     pub(crate) fn recycle(self, pool: &mut Pool) {
-        match self.state {
-            State::Handshake(h) => pool.put(h.into_buf()),
-            State::Resolving { carry, .. } => pool.put(carry.buf),
-            State::Connecting(c) => pool.put(c.into_carry().buf),
-            State::Relaying(r) => r.recycle(pool),
-            State::Closed => {}
-        }
+        self.state.recycle(pool);
     }
 }
 
-/// Writes a whole reply frame to the client. A reply is at most 22 bytes
-/// and precedes any relayed data, so a short write means the client is
-/// gone (its send buffer cannot be full of ours).
+/// Writes a whole answer to the client. An answer is at most 22 bytes (or
+/// the short HTTP 400) and precedes any relayed data, so a short write means
+/// the client is gone (its send buffer cannot be full of ours).
 pub(crate) fn send(client: &mut TcpStream, frame: &[u8]) -> bool {
     matches!(client.write(frame), Ok(n) if n == frame.len())
 }
 
-/// Sends failure reply `rep` (BND 0.0.0.0:0) and closes. RFC 1928 §6: "the
+/// Sends failure reply `rep` (BND 0.0.0.0:0) and lingers. RFC 1928 §6: "the
 /// SOCKS server MUST terminate the TCP connection shortly after sending the
-/// reply". Returns why, for the close log.
-pub(crate) fn fail(client: &mut TcpStream, rep: Reply) -> &'static str {
+/// reply".
+pub(crate) fn fail(from: impl Recycle, rep: Reply, client: &mut Client, ctx: &mut Ctx<'_>) -> (State, Flow) {
     let mut frame = [0u8; crate::proto::MAX_REPLY_LEN];
     let n = encode_reply(rep, &Addr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0, &mut frame);
-    send(client, &frame[..n]);
-    reject(client);
-    match rep {
-        Reply::ConnectionRefused => "connection refused",
-        Reply::NetworkUnreachable => "network unreachable",
-        Reply::HostUnreachable => "host unreachable",
-        Reply::CommandNotSupported => "command not supported",
-        Reply::AddrTypeNotSupported => "address type not supported",
-        _ => "request failed",
+    if !send(&mut client.stream, &frame[..n]) {
+        from.recycle(&mut ctx.env.pool);
+        return (State::Taken, Flow::Close(Close::ClientGone));
     }
+    linger(from, Close::Failed(rep), client, ctx)
 }
 
-/// Prepares a refused client's socket for close: sends FIN, then discards
-/// what the client already sent, because closing with unread input makes
-/// the kernel send RST, which can destroy the answer before it is read.
-pub(crate) fn reject(client: &mut TcpStream) {
-    let _ = client.shutdown(Shutdown::Write);
-    let mut sink = [0u8; 512];
-    for _ in 0..16 {
-        match client.read(&mut sink) {
-            Ok(n) if n > 0 => {}
-            _ => break,
-        }
-    }
+/// After an answer that ends the session (a failure reply, a method
+/// refusal, a failed login): gives back `from`'s buffers and lingers; `why`
+/// is logged at the close.
+pub(crate) fn linger(from: impl Recycle, why: Close, client: &mut Client, ctx: &mut Ctx<'_>) -> (State, Flow) {
+    from.recycle(&mut ctx.env.pool);
+    linger::start(why, client, ctx)
 }
 
 #[cfg(test)]
@@ -273,6 +396,22 @@ mod tests {
         r.short_read(Ready::UP_R);
         assert!(r.has(Ready::UP_R), "a queued FIN still needs a read");
     }
+
+    /// Regression: moving to the next address kept the old socket's hang-up
+    /// bit, so every later relay pass paid an extra `EAGAIN` read.
+    #[test]
+    fn reset_upstream_forgets_the_hang_up_bit_too() {
+        let mut r = Ready::default();
+        r.set(Ready::CLIENT_R | Ready::CLIENT_W | (Ready::CLIENT_R << 4));
+        let client = r;
+        r.set(Ready::UP_R | Ready::UP_W | (Ready::UP_R << 4));
+        r.reset_upstream();
+        assert_eq!(r, client, "only the client's bits are left");
+        r.set(Ready::UP_R);
+        r.short_read(Ready::UP_R);
+        assert!(!r.has(Ready::UP_R), "a new socket's short read clears its bit");
+    }
+
     /// Memory per connection is a design goal: the edge proxy holds tens of
     /// thousands of idle sessions, and this is most of what each costs us.
     #[test]

@@ -4,11 +4,19 @@
 //! back as soon as everything read has been written, so an idle session
 //! holds no buffer. A full buffer stops reading its source until the
 //! destination drains it (backpressure). An EOF is passed on as
-//! `shutdown(Write)` once the bytes before it are out (half-close); the
-//! session ends when both directions have ended, or on an error.
+//! `shutdown(Write)` once the bytes before it are out (half-close).
+//!
+//! A direction ends on its own: a read error ends it like an EOF (the bytes
+//! read before it are still delivered), and a write error ends it at once
+//! (its destination takes nothing more: what it held is dropped, and what
+//! its source still sends is read and dropped). The other direction runs on
+//! to its own end, so a destination that answers and hangs up while the
+//! client is still uploading (an HTTP 413, say) gets its answer through.
+//! The session ends when both directions have ended, or when the client can
+//! no longer be written to.
 
+use super::{Carry, Client, Close, Ctx, Flow, Ready, Recycle, State, linger};
 use crate::buf::{Buf, Io, Pool, read, write};
-use crate::conn::{Carry, Ctx, Flow, Ready};
 use mio::net::TcpStream;
 use std::net::Shutdown;
 
@@ -16,8 +24,8 @@ use std::net::Shutdown;
 const BUDGET: u32 = 32;
 
 /// One direction: bytes read from `src` wait in `buf[start..end]`. Its
-/// end-of-stream state lives in `Relay::ends`, at the bits its `Dir` names
-/// (packed there, a session is 8 bytes smaller).
+/// end state lives in `Relay::ends`, at the bits its `Dir` names (packed
+/// there, a session is 8 bytes smaller).
 struct Half {
     buf: Option<Buf>,
     start: u32,
@@ -28,10 +36,13 @@ struct Half {
 struct Dir {
     src_r: u8,
     dst_w: u8,
-    /// `src` has sent EOF.
+    /// `src` has sent EOF (or failed).
     eof: u8,
-    /// The EOF has been passed on to `dst`.
+    /// This direction is over: its EOF was passed on, or `dst` failed and
+    /// `src` has ended since.
     shut: u8,
+    /// `dst` failed a write: what `src` sends is dropped.
+    dead: u8,
     /// The other direction's `shut`.
     other_shut: u8,
 }
@@ -40,17 +51,14 @@ const TX_EOF: u8 = 1;
 const TX_SHUT: u8 = 2;
 const RX_EOF: u8 = 4;
 const RX_SHUT: u8 = 8;
+const TX_DEAD: u8 = 16;
+const RX_DEAD: u8 = 32;
 /// Client to upstream.
-const TX: Dir = Dir { src_r: Ready::CLIENT_R, dst_w: Ready::UP_W, eof: TX_EOF, shut: TX_SHUT, other_shut: RX_SHUT };
+const TX: Dir =
+    Dir { src_r: Ready::CLIENT_R, dst_w: Ready::UP_W, eof: TX_EOF, shut: TX_SHUT, dead: TX_DEAD, other_shut: RX_SHUT };
 /// Upstream to client.
-const RX: Dir = Dir { src_r: Ready::UP_R, dst_w: Ready::CLIENT_W, eof: RX_EOF, shut: RX_SHUT, other_shut: TX_SHUT };
-
-/// What one pass over a direction did.
-enum Pass {
-    Idle,
-    Moved,
-    Failed(&'static str),
-}
+const RX: Dir =
+    Dir { src_r: Ready::UP_R, dst_w: Ready::CLIENT_W, eof: RX_EOF, shut: RX_SHUT, dead: RX_DEAD, other_shut: TX_SHUT };
 
 impl Half {
     fn empty() -> Half {
@@ -58,9 +66,10 @@ impl Half {
     }
 
     /// One read (if there is room and the source may have data) and one
-    /// write (if there are bytes and the destination may take them). When
-    /// the other direction has ended already, this one ending ends the
-    /// session, and closing the socket sends the FIN: no `shutdown` then.
+    /// write (if there are bytes and the destination may take them); true
+    /// when anything moved. When the other direction has ended already,
+    /// this one ending ends the session, and closing the socket sends the
+    /// FIN: no `shutdown` then.
     ///
     /// A short read means the socket was drained, and a short write that its
     /// buffer is full: both clear the readiness bit at once, saving the
@@ -73,8 +82,9 @@ impl Half {
         ends: &mut u8,
         dir: &Dir,
         pool: &mut Pool,
-    ) -> Pass {
+    ) -> bool {
         let (src_r, dst_w) = (dir.src_r, dir.dst_w);
+        let dead = *ends & dir.dead != 0;
         let mut moved = false;
         let room = self.buf.as_ref().is_none_or(|b| (self.end as usize) < b.len());
         if *ends & dir.eof == 0 && room && ready.has(src_r) {
@@ -86,7 +96,9 @@ impl Half {
                     if n < want {
                         ready.short_read(src_r);
                     }
-                    self.end += n as u32;
+                    if !dead {
+                        self.end += n as u32;
+                    }
                     moved = true;
                 }
                 Io::Eof => {
@@ -96,11 +108,13 @@ impl Half {
                 Io::WouldBlock => ready.clear(src_r),
                 Io::Err(e) => {
                     log::debug!("relay read: {e}");
-                    return Pass::Failed("read error");
+                    *ends |= dir.eof;
+                    moved = true;
                 }
             }
         }
-        if self.start < self.end
+        if !dead
+            && self.start < self.end
             && ready.has(dst_w)
             && let Some(buf) = &self.buf
         {
@@ -113,10 +127,10 @@ impl Half {
                     moved = true;
                 }
                 Io::WouldBlock => ready.clear(dst_w),
-                Io::Eof => return Pass::Failed("write error"),
-                Io::Err(e) => {
-                    log::debug!("relay write: {e}");
-                    return Pass::Failed("write error");
+                Io::Eof | Io::Err(_) => {
+                    *ends |= dir.dead;
+                    (self.start, self.end) = (0, 0);
+                    moved = true;
                 }
             }
         }
@@ -127,14 +141,14 @@ impl Half {
             (self.start, self.end) = (0, 0);
         }
         if *ends & (dir.eof | dir.shut) == dir.eof && self.buf.is_none() {
-            if *ends & dir.other_shut == 0 {
+            if *ends & (dir.other_shut | dir.dead) == 0 {
                 // The peer may already be gone; the session ends on its own then.
                 let _ = dst.shutdown(Shutdown::Write);
             }
             *ends |= dir.shut;
             moved = true;
         }
-        if moved { Pass::Moved } else { Pass::Idle }
+        moved
     }
 }
 
@@ -144,8 +158,18 @@ pub(crate) struct Relay {
     tx: Half,
     /// Upstream to client.
     rx: Half,
-    /// `TX_EOF | TX_SHUT | RX_EOF | RX_SHUT`.
+    /// The `TX_*` and `RX_*` bits.
     ends: u8,
+}
+
+/// How a pump ended.
+enum Pumped {
+    Wait,
+    Again,
+    Close(Close),
+    /// The destination is gone and has nothing more for the client, which
+    /// may still be sending.
+    Linger,
 }
 
 impl Relay {
@@ -155,32 +179,48 @@ impl Relay {
         Relay { up, tx, rx: Half::empty(), ends: 0 }
     }
 
-    pub(crate) fn pump(&mut self, client: &mut TcpStream, ready: &mut Ready, ctx: &mut Ctx<'_>) -> Flow {
+    pub(crate) fn step(mut self, client: &mut Client, ctx: &mut Ctx<'_>) -> (State, Flow) {
+        match self.pump(&mut client.stream, &mut client.ready, ctx) {
+            Pumped::Wait => (State::Relaying(self), Flow::Wait),
+            Pumped::Again => (State::Relaying(self), Flow::Again),
+            Pumped::Close(why) => (State::Relaying(self), Flow::Close(why)),
+            Pumped::Linger => linger(self, Close::UpstreamGone, client, ctx),
+        }
+    }
+
+    fn pump(&mut self, client: &mut TcpStream, ready: &mut Ready, ctx: &mut Ctx<'_>) -> Pumped {
+        let pool = &mut ctx.env.pool;
         let mut moved = false;
         let mut budget = BUDGET;
-        let flow = loop {
-            let tx = self.tx.pass(client, &mut self.up, ready, &mut self.ends, &TX, ctx.pool);
-            let rx = self.rx.pass(&mut self.up, client, ready, &mut self.ends, &RX, ctx.pool);
-            match (tx, rx) {
-                (Pass::Failed(why), _) | (_, Pass::Failed(why)) => break Flow::Close(why),
-                (Pass::Idle, Pass::Idle) => break Flow::Wait,
-                _ => moved = true,
+        let end = loop {
+            let tx = self.tx.pass(client, &mut self.up, ready, &mut self.ends, &TX, pool);
+            let rx = self.rx.pass(&mut self.up, client, ready, &mut self.ends, &RX, pool);
+            if self.ends & RX_DEAD != 0 {
+                break Pumped::Close(Close::ClientGone);
             }
-            if self.ends & (TX_SHUT | RX_SHUT) == TX_SHUT | RX_SHUT {
-                break Flow::Close("done");
+            match self.ends & (TX_SHUT | RX_SHUT | TX_DEAD) {
+                e if e & (TX_SHUT | RX_SHUT) == TX_SHUT | RX_SHUT => break Pumped::Close(Close::Done),
+                e if e == RX_SHUT | TX_DEAD => break Pumped::Linger,
+                _ => {}
             }
+            if !(tx || rx) {
+                break Pumped::Wait;
+            }
+            moved = true;
             budget -= 1;
             if budget == 0 {
-                break Flow::Again;
+                break Pumped::Again;
             }
         };
         if moved {
-            ctx.timers.touch(ctx.key, ctx.now);
+            ctx.env.timers.touch(ctx.key, ctx.now);
         }
-        flow
+        end
     }
+}
 
-    pub(crate) fn recycle(self, pool: &mut Pool) {
+impl Recycle for Relay {
+    fn recycle(self, pool: &mut Pool) {
         for buf in [self.tx.buf, self.rx.buf].into_iter().flatten() {
             pool.put(buf);
         }

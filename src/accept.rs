@@ -1,0 +1,226 @@
+//! Admission: the listeners, who is given a session, and when accepting
+//! pauses and resumes.
+//!
+//! Accepting stops at `max_connections` and resumes when sessions drop to
+//! 90% of it (hysteresis: no flapping at the limit). When `accept` fails for
+//! want of descriptors or memory, it pauses for [`BACKOFF`], or until a
+//! session closes. A paused listener gets no new edge for connections
+//! already queued, so on resuming the loop retries every listener.
+
+use crate::conn::{Conn, Env};
+use crate::timer::Kind;
+use crate::token::{self, ID_MAX, Role};
+use crate::warn::Warn;
+use log::debug;
+use mio::net::{TcpListener, TcpStream};
+use mio::{Interest, Registry};
+use slab::Slab;
+use std::io;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+/// Connections accepted per listener per turn; the rest wait for the end
+/// of the turn, after the sessions.
+const BATCH: usize = 64;
+/// Pause after accept fails for want of descriptors or memory.
+pub(crate) const BACKOFF: Duration = Duration::from_millis(100);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Gate {
+    Open,
+    /// At the session limit: resumes when sessions drop to `resume_at`.
+    Full,
+    /// accept failed for want of resources: resumes at the instant, or
+    /// sooner when a session closes.
+    Backoff(Instant),
+    Stopped,
+}
+
+pub(crate) struct Accept {
+    listeners: Vec<TcpListener>,
+    gate: Gate,
+    max_conns: usize,
+    resume_at: usize,
+    next_id: u32,
+}
+
+/// What one call to [`Accept::accept`] leaves.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Accepted {
+    /// The queue is empty, or accepting is paused.
+    Done,
+    /// The batch is used up with connections left: call again later.
+    More,
+}
+
+impl Accept {
+    pub(crate) fn new(listeners: Vec<TcpListener>, max_conns: usize) -> Accept {
+        Accept { listeners, gate: Gate::Open, max_conns, resume_at: max_conns - max_conns / 10 - 1, next_id: 0 }
+    }
+
+    pub(crate) fn listeners(&self) -> usize {
+        self.listeners.len()
+    }
+
+    /// The id for the next session: ids count up through 31 bits, so a slot
+    /// sees an id again only after 2^31 sessions.
+    fn next_id(&mut self) -> u32 {
+        let id = self.next_id;
+        self.next_id = if id == ID_MAX { 0 } else { id + 1 };
+        id
+    }
+
+    /// Accepts up to a batch from listener `i` and admits each connection.
+    pub(crate) fn accept(
+        &mut self,
+        i: usize,
+        conns: &mut Slab<Conn>,
+        env: &mut Env,
+        registry: &Registry,
+        now: Instant,
+    ) -> Accepted {
+        for _ in 0..BATCH {
+            if self.gate != Gate::Open {
+                return Accepted::Done;
+            }
+            if conns.len() >= self.max_conns {
+                self.gate = Gate::Full;
+                let max = self.max_conns;
+                env.warnings.warn(Warn::Full, now, format_args!("at max connections ({max}): accepting paused"));
+                return Accepted::Done;
+            }
+            let Some(listener) = self.listeners.get(i) else { return Accepted::Done };
+            match listener.accept() {
+                Ok((stream, peer)) => self.admit(stream, peer, conns, env, registry, now),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Accepted::Done,
+                Err(e) if is_resource_error(&e) => {
+                    self.gate = Gate::Backoff(now + BACKOFF);
+                    env.warnings.warn(Warn::Accept, now, format_args!("accept: {e}; pausing for {BACKOFF:?}"));
+                    return Accepted::Done;
+                }
+                // Aborted handshakes and the like concern one client only.
+                Err(e) => debug!("accept: {e}"),
+            }
+        }
+        Accepted::More
+    }
+
+    /// Rules and limits on the client address apply before any byte is
+    /// read or written: a refused client is closed straight away.
+    fn admit(
+        &mut self,
+        mut stream: TcpStream,
+        peer: SocketAddr,
+        conns: &mut Slab<Conn>,
+        env: &mut Env,
+        registry: &Registry,
+        now: Instant,
+    ) {
+        if !env.rules.client_allowed(peer.ip()) {
+            debug!("{peer} refused: not an allowed client");
+            return;
+        }
+        let key = conns.vacant_key();
+        if !env.limits.admit_client(key, peer.ip()) {
+            env.warnings.warn(
+                Warn::PerClient,
+                now,
+                format_args!("{peer} refused: its address has its maximum of connections"),
+            );
+            return;
+        }
+        let _ = stream.set_nodelay(true);
+        let id = self.next_id();
+        let t = token::session(key, id, Role::Client);
+        if let Err(e) = registry.register(&mut stream, t, Interest::READABLE | Interest::WRITABLE) {
+            log::warn!("cannot register a new connection: {e}");
+            env.limits.release(key, 0);
+            return;
+        }
+        debug!("#{id} accepted from {peer}");
+        let exempt = env.rules.auth_exempt(peer.ip());
+        conns.insert(Conn::new(id, stream, exempt, &mut env.pool));
+        env.timers.set(key, Kind::Handshake, now);
+    }
+
+    /// A session has closed and `open` are left; true when accepting has
+    /// just resumed, and so every listener must be retried. A closed session
+    /// freed a descriptor, so it also ends a back-off.
+    pub(crate) fn session_closed(&mut self, open: usize) -> bool {
+        let resume = match self.gate {
+            Gate::Full => open <= self.resume_at,
+            Gate::Backoff(_) => true,
+            Gate::Open | Gate::Stopped => false,
+        };
+        self.open_if(resume)
+    }
+
+    /// The loop's clock: true when a back-off has just ended.
+    pub(crate) fn tick(&mut self, now: Instant) -> bool {
+        self.open_if(matches!(self.gate, Gate::Backoff(at) if now >= at))
+    }
+
+    fn open_if(&mut self, resume: bool) -> bool {
+        if resume {
+            self.gate = Gate::Open;
+        }
+        resume
+    }
+
+    /// When a back-off ends, for the poll timeout.
+    pub(crate) fn deadline(&self) -> Option<Instant> {
+        match self.gate {
+            Gate::Backoff(at) => Some(at),
+            _ => None,
+        }
+    }
+
+    /// Closes the listeners for good.
+    pub(crate) fn stop(&mut self, registry: &Registry) {
+        for mut l in self.listeners.drain(..) {
+            let _ = registry.deregister(&mut l);
+        }
+        self.gate = Gate::Stopped;
+    }
+}
+
+fn is_resource_error(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Regression: ids were masked with the wrong constant and every session
+    /// got id 0, so nothing told a session from the one before it in its slot.
+    #[test]
+    fn ids_differ_back_to_back_and_wrap_after_2_pow_31() {
+        let mut a = Accept::new(Vec::new(), 10);
+        let ids: Vec<u32> = (0..1000).map(|_| a.next_id()).collect();
+        for w in ids.windows(2) {
+            assert_eq!(w[1], w[0] + 1);
+        }
+        a.next_id = ID_MAX - 1;
+        assert_eq!((a.next_id(), a.next_id(), a.next_id()), (ID_MAX - 1, ID_MAX, 0));
+    }
+
+    #[test]
+    fn hysteresis_and_backoff() {
+        let now = Instant::now();
+        let mut a = Accept::new(Vec::new(), 100);
+        a.gate = Gate::Full;
+        assert!(!a.session_closed(99), "one below the limit is not enough");
+        assert!(!a.session_closed(90));
+        assert!(a.session_closed(89), "resumes at 90% less one");
+        assert!(!a.session_closed(0), "already open");
+        a.gate = Gate::Backoff(now + BACKOFF);
+        assert_eq!(a.deadline(), Some(now + BACKOFF));
+        assert!(!a.tick(now), "still backing off");
+        assert!(!a.tick(now + BACKOFF / 2));
+        assert!(a.tick(now + BACKOFF), "the pause is over");
+        a.gate = Gate::Backoff(now + BACKOFF);
+        assert!(a.session_closed(99), "a closed session ends the back-off");
+        assert!(!a.tick(now + BACKOFF), "nothing to resume");
+    }
+}

@@ -1,0 +1,235 @@
+//! The dial step: everything between a parsed request and the relay. The
+//! command branches here, in one place; for CONNECT, an IP destination is
+//! connected to at once and a name goes to the resolver first; every
+//! address is checked against the destination rules before it is tried, and
+//! addresses are tried one at a time, in the order they came, until one
+//! connects or the connect deadline passes.
+
+use super::{Carry, Client, Close, Ctx, Flow, Ready, Recycle, State, fail, send};
+use crate::buf::Pool;
+use crate::proto::{Addr, Command, MAX_REPLY_LEN, Reply, encode_reply};
+use crate::resolver::Job;
+use crate::timer::Kind;
+use crate::token::Role;
+use crate::warn::Warn;
+use mio::Interest;
+use mio::net::TcpStream;
+use std::io;
+use std::net::SocketAddr;
+
+/// Where a request wants to go.
+pub(crate) enum Target {
+    Ip(SocketAddr),
+    /// A name to resolve (never an IP literal: those are `Ip`).
+    Name(String, u16),
+    /// A name that cannot be looked up (not UTF-8).
+    Unresolvable,
+}
+
+/// What the handshake hands on: the command, its target, and the client
+/// bytes that came after the request.
+pub(crate) struct Request {
+    pub command: Command,
+    pub target: Target,
+    pub carry: Carry,
+}
+
+/// Branches on the command. The connect deadline covers resolving and
+/// connecting.
+pub(crate) fn start(request: Request, client: &mut Client, ctx: &mut Ctx<'_>) -> (State, Flow) {
+    let Request { command, target, carry } = request;
+    match command {
+        Command::Connect => {}
+        // BIND and UDP ASSOCIATE branch here when they land.
+        Command::Bind | Command::UdpAssociate => return fail(carry, Reply::CommandNotSupported, client, ctx),
+    }
+    ctx.arm(Kind::Connect);
+    match target {
+        Target::Ip(addr) => connect(Addrs::one(addr), carry, None, client, ctx),
+        Target::Name(host, port) => resolve(host, port, carry, client, ctx),
+        Target::Unresolvable => fail(carry, Reply::HostUnreachable, client, ctx),
+    }
+}
+
+/// Hands a name to the resolver; with no resolver threads no name can be
+/// looked up.
+fn resolve(host: String, port: u16, carry: Carry, client: &mut Client, ctx: &mut Ctx<'_>) -> (State, Flow) {
+    let Some(resolver) = &ctx.env.resolver else {
+        return fail(carry, Reply::HostUnreachable, client, ctx);
+    };
+    log::debug!("#{} resolving {host}", ctx.id);
+    match resolver.submit(Job { key: ctx.key, id: ctx.id, host, port }) {
+        Ok(()) => (State::Resolving(Resolving { carry }), Flow::Wait),
+        Err(_) => {
+            ctx.env.warnings.warn(Warn::Resolver, ctx.now, format_args!("resolver queue full: a request refused"));
+            fail(carry, Reply::GeneralFailure, client, ctx)
+        }
+    }
+}
+
+/// Waiting for the resolver's answer.
+pub(crate) struct Resolving {
+    carry: Carry,
+}
+
+impl Resolving {
+    pub(crate) fn resolved(
+        self,
+        addrs: io::Result<Vec<SocketAddr>>,
+        client: &mut Client,
+        ctx: &mut Ctx<'_>,
+    ) -> (State, Flow) {
+        match addrs {
+            Ok(list) => connect(Addrs::list(list), self.carry, None, client, ctx),
+            Err(e) => {
+                log::debug!("#{} look-up failed: {e}", ctx.id);
+                fail(self.carry, Reply::from_io(&e), client, ctx)
+            }
+        }
+    }
+}
+
+impl Recycle for Resolving {
+    fn recycle(self, pool: &mut Pool) {
+        self.carry.recycle(pool);
+    }
+}
+
+/// Addresses still to try.
+enum Addrs {
+    /// An IP destination: no list to allocate.
+    One(Option<SocketAddr>),
+    /// A resolved name's addresses, in reverse (the next is last).
+    List(Vec<SocketAddr>),
+}
+
+impl Addrs {
+    fn one(addr: SocketAddr) -> Addrs {
+        Addrs::One(Some(addr))
+    }
+
+    /// Addresses to try in the order given.
+    fn list(mut addrs: Vec<SocketAddr>) -> Addrs {
+        addrs.reverse();
+        Addrs::List(addrs)
+    }
+
+    fn next(&mut self) -> Option<SocketAddr> {
+        match self {
+            Addrs::One(a) => a.take(),
+            Addrs::List(list) => list.pop(),
+        }
+    }
+}
+
+/// A connect in progress.
+pub(crate) struct Connecting {
+    up: TcpStream,
+    addrs: Addrs,
+    carry: Carry,
+}
+
+impl Recycle for Connecting {
+    fn recycle(self, pool: &mut Pool) {
+        self.carry.recycle(pool);
+    }
+}
+
+impl Connecting {
+    pub(crate) fn step(self, client: &mut Client, ctx: &mut Ctx<'_>) -> (State, Flow) {
+        if !client.ready.has(Ready::UP_W) {
+            return (State::Connecting(self), Flow::Wait);
+        }
+        // mio: the connect is complete when the socket is writable, holds no
+        // error, and has a peer.
+        let done = match self.up.take_error() {
+            Ok(None) => match self.up.peer_addr() {
+                Ok(_) => Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::NotConnected => {
+                    client.ready.clear(Ready::UP_W);
+                    return (State::Connecting(self), Flow::Wait);
+                }
+                Err(e) => Err(e),
+            },
+            Ok(Some(e)) | Err(e) => Err(e),
+        };
+        let Connecting { up, addrs, carry } = self;
+        match done {
+            Ok(()) => connected(up, carry, client, ctx),
+            Err(e) => {
+                log::debug!("#{} connect failed: {e}", ctx.id);
+                drop(up);
+                connect(addrs, carry, Some(e), client, ctx)
+            }
+        }
+    }
+}
+
+/// Marks addresses the rules deny, in place of a connect error.
+#[derive(Debug)]
+struct Denied;
+
+impl std::fmt::Display for Denied {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("denied by the destination rules")
+    }
+}
+
+impl std::error::Error for Denied {}
+
+/// Starts connecting to the next address the rules allow; when none is
+/// left, replies with the last connect error, or REP 0x02 when every
+/// address was denied (an address a rule denies is never connected to).
+fn connect(
+    mut addrs: Addrs,
+    carry: Carry,
+    mut last_err: Option<io::Error>,
+    client: &mut Client,
+    ctx: &mut Ctx<'_>,
+) -> (State, Flow) {
+    while let Some(addr) = addrs.next() {
+        if !ctx.env.rules.dest_allowed(addr) {
+            log::debug!("#{} {addr} denied by rule", ctx.id);
+            last_err.get_or_insert_with(|| io::Error::other(Denied));
+            continue;
+        }
+        let attempt = TcpStream::connect(addr).and_then(|mut up| {
+            ctx.register(&mut up, Role::Upstream, Interest::READABLE | Interest::WRITABLE)?;
+            Ok(up)
+        });
+        match attempt {
+            Ok(up) => {
+                log::debug!("#{} connecting to {addr}", ctx.id);
+                client.ready.reset_upstream();
+                return (State::Connecting(Connecting { up, addrs, carry }), Flow::Wait);
+            }
+            Err(e) => last_err = Some(e),
+        }
+    }
+    let rep = match last_err {
+        Some(e) if e.get_ref().is_some_and(|inner| inner.is::<Denied>()) => Reply::NotAllowed,
+        Some(e) => Reply::from_io(&e),
+        None => Reply::HostUnreachable,
+    };
+    fail(carry, rep, client, ctx)
+}
+
+/// RFC 1928 §6: on success BND.ADDR/BND.PORT are the address the server
+/// connected from.
+fn connected(up: TcpStream, carry: Carry, client: &mut Client, ctx: &mut Ctx<'_>) -> (State, Flow) {
+    let _ = up.set_nodelay(true);
+    let Ok(bnd) = up.local_addr() else {
+        return fail(carry, Reply::GeneralFailure, client, ctx);
+    };
+    let mut frame = [0u8; MAX_REPLY_LEN];
+    let n = encode_reply(Reply::Succeeded, &Addr::from(bnd.ip()), bnd.port(), &mut frame);
+    let relay = super::Relay::new(up, carry);
+    if !send(&mut client.stream, &frame[..n]) {
+        return (State::Relaying(relay), Flow::Close(Close::ClientGone));
+    }
+    log::debug!("#{} connected from {bnd}", ctx.id);
+    ctx.arm(Kind::Idle);
+    // The readiness bits are current: events kept setting them while we
+    // waited. Relay at once: a payload may already be buffered.
+    (State::Relaying(relay), Flow::Continue)
+}

@@ -1,0 +1,129 @@
+//! The poll token layout: which session, which of its sockets, and which
+//! session it was when the socket was registered.
+//!
+//! ```text
+//!  63   62 ........ 32   31 ......... 3   2 .. 0
+//! | 0 |  session id   |    slab key     |  role  |      (64-bit targets)
+//! ```
+//!
+//! A session token's top bit is 0, so the reserved tokens at the top of the
+//! range (the waker, then the listeners) never collide with one. The id
+//! field holds the low bits of the session id; on 64-bit targets that is the
+//! whole 31-bit id. On 32-bit targets it holds 8 bits, which is enough for
+//! socket events (a closed session's sockets leave the poll set at once, so
+//! its stale events live only until the end of the batch already fetched);
+//! resolver jobs and deferred turns carry the whole id either way.
+
+use mio::Token;
+
+/// Which of a session's sockets an event is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Role {
+    /// The client's TCP connection.
+    Client = 0,
+    /// The connection to the destination.
+    Upstream = 1,
+    /// BIND's listening socket.
+    BindListener = 2,
+    /// UDP ASSOCIATE's relay socket.
+    Udp = 3,
+}
+
+const ROLES: [Role; 4] = [Role::Client, Role::Upstream, Role::BindListener, Role::Udp];
+
+const ROLE_BITS: u32 = 3;
+/// Slots the slab may use: 2^29 on 64-bit targets, 2^20 on 32-bit ones.
+const KEY_BITS: u32 = if usize::BITS >= 64 { 29 } else { 20 };
+const ID_BITS: u32 = usize::BITS - 1 - KEY_BITS - ROLE_BITS;
+const ROLE_MASK: usize = (1 << ROLE_BITS) - 1;
+/// The largest slab key a token can carry.
+pub(crate) const MAX_KEY: usize = (1 << KEY_BITS) - 1;
+const ID_MASK: usize = (1 << ID_BITS) - 1;
+
+/// Session ids are 31 bits: the id after `ID_MAX` is 0 again.
+pub(crate) const ID_MAX: u32 = (1 << 31) - 1;
+
+/// The resolver's wake-ups.
+pub(crate) const WAKER: Token = Token(usize::MAX);
+/// At most this many listeners (reserved tokens below the waker's).
+pub(crate) const MAX_LISTENERS: usize = 64;
+const LISTENER_BASE: usize = usize::MAX - 1;
+
+/// What a token stands for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Owner {
+    Waker,
+    Listener(usize),
+    /// `id` holds only the bits the token carries: compare with [`same_id`].
+    Session {
+        key: usize,
+        id: u32,
+        role: Role,
+    },
+}
+
+pub(crate) fn session(key: usize, id: u32, role: Role) -> Token {
+    debug_assert!(key <= MAX_KEY);
+    Token((id as usize & ID_MASK) << (KEY_BITS + ROLE_BITS) | key << ROLE_BITS | role as usize)
+}
+
+pub(crate) fn listener(i: usize) -> Token {
+    debug_assert!(i < MAX_LISTENERS);
+    Token(LISTENER_BASE - i)
+}
+
+pub(crate) fn owner(t: Token) -> Option<Owner> {
+    if t == WAKER {
+        return Some(Owner::Waker);
+    }
+    if t.0 >> (usize::BITS - 1) == 1 {
+        let i = LISTENER_BASE.checked_sub(t.0)?;
+        return (i < MAX_LISTENERS).then_some(Owner::Listener(i));
+    }
+    let role = *ROLES.get(t.0 & ROLE_MASK)?;
+    let key = (t.0 >> ROLE_BITS) & MAX_KEY;
+    let id = (t.0 >> (KEY_BITS + ROLE_BITS)) as u32;
+    Some(Owner::Session { key, id, role })
+}
+
+/// Whether a token's id bits belong to session id `full`.
+pub(crate) fn same_id(token_id: u32, full: u32) -> bool {
+    token_id as usize & ID_MASK == full as usize & ID_MASK
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sessions_round_trip_and_never_meet_reserved_tokens() {
+        for (key, id) in [(0, 0), (1, 7), (MAX_KEY, ID_MAX), (12345, ID_MAX - 1), (MAX_KEY, 0)] {
+            for role in ROLES {
+                let t = session(key, id, role);
+                let Some(Owner::Session { key: k, id: i, role: r }) = owner(t) else { panic!("{t:?}") };
+                assert_eq!((k, r), (key, role));
+                assert!(same_id(i, id));
+                assert_ne!(t, WAKER);
+            }
+        }
+        assert_eq!(owner(WAKER), Some(Owner::Waker));
+        assert_eq!(owner(listener(0)), Some(Owner::Listener(0)));
+        assert_eq!(owner(listener(MAX_LISTENERS - 1)), Some(Owner::Listener(MAX_LISTENERS - 1)));
+        assert_eq!(owner(Token(LISTENER_BASE - MAX_LISTENERS)), None);
+    }
+
+    /// Every field is its own: changing one never yields another's token.
+    #[test]
+    fn tokens_are_unique_per_key_id_and_role() {
+        let mut seen = std::collections::HashSet::new();
+        for key in [0, 1, 2, MAX_KEY - 1, MAX_KEY] {
+            for id in [0, 1, 2, ID_MASK as u32 - 1, ID_MASK as u32] {
+                for role in ROLES {
+                    assert!(seen.insert(session(key, id, role)), "{key} {id} {role:?}");
+                }
+            }
+        }
+        #[cfg(target_pointer_width = "64")]
+        assert!(!same_id(0, 1 << 30), "64-bit tokens carry the whole id");
+    }
+}
