@@ -91,6 +91,7 @@ impl Cli {
 }
 
 /// `500ms`, `10s`, `2m`, `1h`; a bare number is seconds; `off` is zero.
+/// At most [`slabsocks::MAX_DURATION`].
 fn duration(s: &str) -> Result<Duration, String> {
     if s == "off" {
         return Ok(Duration::ZERO);
@@ -98,14 +99,17 @@ fn duration(s: &str) -> Result<Duration, String> {
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
     let n: u64 = num.parse().map_err(|_| format!("'{s}' is not a duration like 500ms, 10s or 2m"))?;
-    let ms = match unit {
-        "ms" => n,
-        "" | "s" => n.saturating_mul(1000),
-        "m" => n.saturating_mul(60_000),
-        "h" => n.saturating_mul(3_600_000),
+    let per = match unit {
+        "ms" => 1,
+        "" | "s" => 1000,
+        "m" => 60_000,
+        "h" => 3_600_000,
         _ => return Err(format!("'{s}' has an unknown unit (use ms, s, m or h)")),
     };
-    Ok(Duration::from_millis(ms))
+    n.checked_mul(per)
+        .map(Duration::from_millis)
+        .filter(|d| *d <= slabsocks::MAX_DURATION)
+        .ok_or_else(|| format!("'{s}' is longer than the limit of 8760h (one year)"))
 }
 
 /// `16384`, `16k`, `1m`.
@@ -137,6 +141,9 @@ mod tests {
         assert!(duration("10x").is_err());
         assert!(duration("").is_err());
         assert!(duration("-1s").is_err());
+        assert_eq!(duration("8760h"), Ok(slabsocks::MAX_DURATION));
+        assert!(duration("8761h").is_err());
+        assert!(duration("5124095576030432h").is_err(), "would overflow u64 milliseconds");
     }
 
     #[test]

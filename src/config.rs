@@ -72,6 +72,11 @@ pub const MIN_BUFFER_SIZE: usize = 1024;
 /// Largest relay buffer: offsets are kept as `u32`.
 pub const MAX_BUFFER_SIZE: usize = 16 * 1024 * 1024;
 
+/// Longest accepted duration for any timeout or grace period. Deadlines are
+/// instants computed by addition; bounding the durations keeps every sum
+/// far from overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
 /// A configuration value that cannot work.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError(pub String);
@@ -102,6 +107,20 @@ impl Config {
         if self.handshake_timeout.is_zero() || self.connect_timeout.is_zero() {
             return err("handshake and connect timeouts must be positive");
         }
+        let durations = [
+            ("handshake timeout", Some(self.handshake_timeout)),
+            ("connect timeout", Some(self.connect_timeout)),
+            ("idle timeout", self.idle_timeout),
+            ("shutdown grace", Some(self.shutdown_grace)),
+        ];
+        for (name, d) in durations {
+            if d.is_some_and(|d| d > MAX_DURATION) {
+                return Err(ConfigError(format!("{name} is longer than the limit of 8760h (one year)")));
+            }
+        }
+        if self.idle_timeout.is_some_and(|d| d.is_zero()) {
+            return err("an idle timeout must be positive (None turns it off)");
+        }
         if self.resolver_threads > 64 {
             return err("at most 64 resolver threads");
         }
@@ -125,12 +144,18 @@ mod tests {
     #[test]
     fn default_is_valid_and_bad_values_are_named() {
         assert_eq!(Config::default().validate(), Ok(()));
+        let longest = Config { idle_timeout: Some(MAX_DURATION), shutdown_grace: MAX_DURATION, ..Config::default() };
+        assert_eq!(longest.validate(), Ok(()));
         let bad = [
             Config { listen: vec![], ..Config::default() },
             Config { buffer_size: 100, ..Config::default() },
             Config { max_connections: Some(0), ..Config::default() },
             Config { connect_timeout: Duration::ZERO, ..Config::default() },
             Config { resolver_threads: 1000, ..Config::default() },
+            Config { idle_timeout: Some(Duration::ZERO), ..Config::default() },
+            Config { idle_timeout: Some(Duration::MAX), ..Config::default() },
+            Config { shutdown_grace: MAX_DURATION + Duration::from_millis(1), ..Config::default() },
+            Config { handshake_timeout: Duration::from_secs(u64::MAX), ..Config::default() },
             Config { max_connections_per_user: Some(2), ..Config::default() },
             Config { max_connections_per_client: Some(0), ..Config::default() },
             Config {

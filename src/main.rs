@@ -24,6 +24,17 @@ fn main() -> ExitCode {
     let log_config =
         ConfigBuilder::new().set_target_level(log::LevelFilter::Off).set_thread_level(log::LevelFilter::Off).build();
     let _ = WriteLogger::init(cli.log_level, log_config, std::io::stderr());
+    // Before anything slow (the users file, binding): from here on a SIGHUP
+    // or SIGTERM waits in signal-hook's queue instead of killing the process
+    // by default action; it is handled once the server runs.
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let signals = match signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP]) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("slabsocks: cannot install signal handlers: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     if let Err(e) = slabsocks::sys::raise_nofile_limit() {
         log::warn!("cannot raise the open-file limit: {e}");
     }
@@ -37,7 +48,7 @@ fn main() -> ExitCode {
             }
         }
     }
-    match serve(config, cli.users) {
+    match serve(config, cli.users, signals) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("slabsocks: {e}");
@@ -55,11 +66,14 @@ fn load_users(path: &Path) -> Result<Users, slabsocks::users::UsersError> {
     Ok(users)
 }
 
-fn serve(config: slabsocks::Config, users_file: Option<PathBuf>) -> std::io::Result<()> {
-    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+fn serve(
+    config: slabsocks::Config,
+    users_file: Option<PathBuf>,
+    mut signals: signal_hook::iterator::Signals,
+) -> std::io::Result<()> {
+    use signal_hook::consts::SIGHUP;
     let server = Server::bind(config)?;
     let handle = server.handle();
-    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])?;
     std::thread::Builder::new().name("slabsocks-signals".into()).spawn(move || {
         let mut stops = 0;
         for sig in signals.forever() {

@@ -107,6 +107,26 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Resolver {
     pub(crate) fn start(threads: usize, waker: Arc<Waker>, lookup: Lookup) -> io::Result<Resolver> {
+        Resolver::start_with(threads, waker, lookup, |i, serve| {
+            std::thread::Builder::new()
+                .name(format!("slabsocks-dns-{i}"))
+                // getaddrinfo and NSS modules can use 64 KiB+ of stack; this is
+                // address space, only the pages touched cost memory.
+                .stack_size(512 * 1024)
+                .spawn(serve)
+                .map(drop)
+        })
+    }
+
+    /// `spawn(i, serve)` runs `serve` on helper thread `i`. When one fails,
+    /// the resolver built so far is dropped, which tells the helpers
+    /// already started to exit.
+    fn start_with(
+        threads: usize,
+        waker: Arc<Waker>,
+        lookup: Lookup,
+        mut spawn: impl FnMut(usize, Box<dyn FnOnce() + Send>) -> io::Result<()>,
+    ) -> io::Result<Resolver> {
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue { jobs: VecDeque::new(), closed: false }),
             ready: Condvar::new(),
@@ -114,16 +134,12 @@ impl Resolver {
             waker,
             lookup,
         });
+        let resolver = Resolver { shared, cap: threads * QUEUE_PER_THREAD };
         for i in 0..threads {
-            let shared = Arc::clone(&shared);
-            std::thread::Builder::new()
-                .name(format!("slabsocks-dns-{i}"))
-                // getaddrinfo and NSS modules can use 64 KiB+ of stack; this is
-                // address space, only the pages touched cost memory.
-                .stack_size(512 * 1024)
-                .spawn(move || serve(&shared))?;
+            let shared = Arc::clone(&resolver.shared);
+            spawn(i, Box::new(move || serve(&shared)))?;
         }
-        Ok(Resolver { shared, cap: threads * QUEUE_PER_THREAD })
+        Ok(resolver)
     }
 
     /// Queues a look-up; gives the job back when the queue is full (or there
@@ -182,5 +198,42 @@ fn getaddrinfo(host: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
     match (host, port).to_socket_addrs() {
         Ok(it) => Ok(it.collect()),
         Err(e) => Err(io::Error::new(io::ErrorKind::NotFound, format!("{host}: {e}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    /// Regression: when the third helper failed to spawn, the first two
+    /// waited for jobs forever.
+    #[test]
+    fn a_failed_spawn_lets_the_started_helpers_exit() {
+        let poll = mio::Poll::new().unwrap();
+        let waker = Arc::new(Waker::new(poll.registry(), mio::Token(0)).unwrap());
+        let mut started = Vec::new();
+        let res = Resolver::start_with(4, waker, Lookup::system(), |i, serve| {
+            if i == 2 {
+                return Err(io::Error::other("no more threads"));
+            }
+            started.push(std::thread::spawn(serve));
+            Ok(())
+        });
+        assert!(res.is_err());
+        assert_eq!(started.len(), 2);
+        let end = Instant::now() + Duration::from_secs(10);
+        while !started.iter().all(|t| t.is_finished()) {
+            assert!(Instant::now() < end, "helpers still waiting for jobs");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn lookup_folds_an_empty_answer_into_not_found() {
+        let empty = Lookup::new(|_, _| Ok(Vec::new()));
+        assert_eq!(empty.resolve("x", 1).unwrap_err().kind(), io::ErrorKind::NotFound);
+        let one = Lookup::new(|_, port| Ok(vec![SocketAddr::from(([192, 0, 2, 1], port))]));
+        assert_eq!(one.resolve("x", 7).unwrap(), [SocketAddr::from(([192, 0, 2, 1], 7))]);
     }
 }

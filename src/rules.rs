@@ -129,14 +129,16 @@ impl FromStr for DestRule {
 /// Ranges `--deny-private-dest` covers: this network, loopback, RFC 1918,
 /// CGNAT, link-local, multicast, reserved and broadcast; IPv6 unspecified,
 /// loopback, unique-local, link-local and multicast.
-const PRIVATE_V4: [(u32, u8); 9] = [
+const PRIVATE_V4: [(u32, u8); 11] = [
     (0x0000_0000, 8),  // 0.0.0.0/8: "this network"; 0.0.0.0 reaches the host itself
     (0x0a00_0000, 8),  // 10.0.0.0/8
     (0x6440_0000, 10), // 100.64.0.0/10 (CGNAT)
     (0x7f00_0000, 8),  // 127.0.0.0/8
     (0xa9fe_0000, 16), // 169.254.0.0/16
     (0xac10_0000, 12), // 172.16.0.0/12
+    (0xc000_0000, 24), // 192.0.0.0/24 (IETF protocol assignments)
     (0xc0a8_0000, 16), // 192.168.0.0/16
+    (0xc612_0000, 15), // 198.18.0.0/15 (benchmarking)
     (0xe000_0000, 4),  // 224.0.0.0/4 (multicast)
     (0xf000_0000, 4),  // 240.0.0.0/4 (reserved, broadcast)
 ];
@@ -149,6 +151,9 @@ const PRIVATE_V6: [(u128, u8); 5] = [
 ];
 /// 64:ff9b::/96, the NAT64 prefix: its low 32 bits are an IPv4 address.
 const NAT64: u128 = 0x0064_ff9b << 96;
+/// 64:ff9b:1::/48, the local-use NAT64 prefix (RFC 8215): it translates to
+/// networks of the operator's own, so it is private whatever it embeds.
+const NAT64_LOCAL: u128 = 0x0064_ff9b_0001 << 80;
 
 /// Whether `--deny-private-dest` denies `ip`.
 pub fn is_private(ip: IpAddr) -> bool {
@@ -159,6 +164,9 @@ pub fn is_private(ip: IpAddr) -> bool {
         }
         IpAddr::V6(v6) => {
             let a = u128::from(v6);
+            if (a ^ NAT64_LOCAL) & mask6(48) == 0 {
+                return true;
+            }
             if (a ^ NAT64) & mask6(96) == 0 {
                 return is_private(IpAddr::V4(Ipv4Addr::from(a as u32)));
             }
@@ -304,11 +312,30 @@ mod tests {
             "::ffff:127.0.0.1",
             "::ffff:192.168.0.1",
             "64:ff9b::10.0.0.1",
+            // Regression: these three ranges were missing.
+            "192.0.0.1",
+            "192.0.0.255",
+            "198.18.0.1",
+            "198.19.255.255",
+            "64:ff9b:1::8.8.8.8",
+            "64:ff9b:1:ffff::1",
         ] {
             assert!(is_private(ip(a)), "{a} is private");
         }
         for a in
-            ["1.1.1.1", "100.128.0.1", "172.32.0.1", "192.0.2.1", "2001:db8::1", "::ffff:8.8.8.8", "64:ff9b::8.8.8.8"]
+            [
+            "1.1.1.1",
+            "100.128.0.1",
+            "172.32.0.1",
+            "192.0.1.255",
+            "192.0.2.1",
+            "198.17.255.255",
+            "198.20.0.0",
+            "2001:db8::1",
+            "::ffff:8.8.8.8",
+            "64:ff9b::8.8.8.8",
+            "64:ff9b:2::1",
+        ]
         {
             assert!(!is_private(ip(a)), "{a} is public");
         }

@@ -17,8 +17,13 @@ fn run_to_end(args: &[&str]) -> (i32, String) {
 
 #[test]
 fn bad_values_give_one_line_and_a_nonzero_exit() {
-    let cases: [&[&str]; 7] = [
+    let cases: [&[&str]; 11] = [
         &["--listen", "nonsense"],
+        // Regression: these overflowed a deadline (a panic) or wrapped to "off".
+        &["--shutdown-grace", "9999999999h"],
+        &["--idle-timeout", "5124095576030432h"],
+        &["--connect-timeout", "8761h"],
+        &["--handshake-timeout", "99999999999999999999"],
         &["--handshake-timeout", "ten"],
         &["--buffer-size", "12"],
         &["--buffer-size", "lots"],
@@ -243,6 +248,18 @@ impl Log {
         }
     }
 
+    /// Waits (bounded) until `n` lines contain `text`.
+    fn wait_for_nth(&self, text: &str, n: usize) {
+        let end = Instant::now() + IO_TIMEOUT;
+        while self.1.borrow().iter().filter(|l| l.contains(text)).count() < n {
+            let left = end.saturating_duration_since(Instant::now());
+            match self.0.recv_timeout(left) {
+                Ok(line) => self.1.borrow_mut().push(line),
+                Err(_) => panic!("fewer than {n} log lines with {text:?} in {:?}", self.1.borrow()),
+            }
+        }
+    }
+
     /// Everything logged, up to the child's exit.
     fn all(&self) -> String {
         while let Ok(line) = self.0.recv_timeout(Duration::from_millis(500)) {
@@ -348,4 +365,102 @@ fn no_descriptor_leaks_after_bad_and_failed_sessions() {
     }
     signal(&child, libc::SIGTERM);
     assert_eq!(wait_exit(&mut child), 0);
+}
+
+/// Regression: the signal handlers were installed after the listeners were
+/// bound, so a SIGHUP during start-up killed the process (default action).
+/// The users file here is a FIFO, so start-up waits in it for as long as
+/// the test likes: a SIGHUP then must be held and handled once running.
+#[test]
+fn a_sighup_during_start_up_is_held_not_fatal() {
+    let dir = std::env::temp_dir().join(format!("slabsocks-cli-{}-fifo", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let fifo = dir.join("users");
+    let _ = std::fs::remove_file(&fifo);
+    let c_path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo(3) with a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut child = Command::new(BIN)
+        .args(["--listen", &listen, "--users", fifo.to_str().unwrap()])
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let log = Log(rx, Default::default());
+    // Opening for writing returns once the server has opened the FIFO to
+    // read its users: it is in start-up, past where handlers go in.
+    let mut w = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
+    signal(&child, libc::SIGHUP);
+    std::thread::sleep(Duration::from_millis(100));
+    w.write_all(b"alice:one\n").unwrap();
+    drop(w);
+    log.wait_for("listening on");
+    // The held SIGHUP reloads the file: the FIFO again.
+    let mut w = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
+    w.write_all(b"alice:two\n").unwrap();
+    drop(w);
+    log.wait_for("users replaced");
+    let echo = echo_server("127.0.0.1:0");
+    let addr = listen.parse().unwrap();
+    assert_eq!(login_and_connect(addr, "alice", "two", echo).1, 0);
+    signal(&child, libc::SIGTERM);
+    assert_eq!(wait_exit(&mut child), 0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Regression: every failed login was logged, so a password-guessing flood
+/// flooded the log. One line per 5 s; the next one says how many were held.
+#[test]
+fn failed_logins_are_rate_limited_in_the_log() {
+    let path = temp_file("flood", "alice:right\n");
+    let (mut child, addr, log) = spawn_logged(&["--users", path.to_str().unwrap()]);
+    for _ in 0..20 {
+        assert_eq!(login(&mut connect(addr), "alice", "wrong"), 1);
+    }
+    signal(&child, libc::SIGTERM);
+    assert_eq!(wait_exit(&mut child), 0);
+    let text = log.all();
+    let lines = text.lines().filter(|l| l.contains("login failed")).count();
+    assert!((1..=2).contains(&lines), "{lines} lines for 20 failed logins:\n{text}");
+    let _ = std::fs::remove_dir_all(path.parent().unwrap());
+}
+
+/// Regression: every session was id 0, and the log named sessions by slab
+/// key, so two sessions in a row looked like one. Lines carry the session
+/// id, and ids differ from one session to the next.
+#[test]
+fn log_lines_name_sessions_by_distinct_ids() {
+    let (mut child, addr, log) = spawn_logged(&["--log-level", "debug"]);
+    let echo = echo_server("127.0.0.1:0");
+    for i in 0..3 {
+        let mut s = open(addr, echo);
+        s.write_all(b"x").unwrap();
+        expect(&mut s, b"x");
+        drop(s);
+        // This session's close comes before the next is admitted, so the
+        // next one takes the same slab slot.
+        log.wait_for_nth("closed: ", i + 1);
+    }
+    signal(&child, libc::SIGTERM);
+    assert_eq!(wait_exit(&mut child), 0);
+    let text = log.all();
+    let ids: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains(" accepted from "))
+        .filter_map(|l| l.split_whitespace().find(|w| w.starts_with('#')))
+        .collect();
+    assert_eq!(ids.len(), 3, "{text}");
+    assert!(ids[0] != ids[1] && ids[1] != ids[2] && ids[0] != ids[2], "{ids:?}");
+    for id in &ids {
+        assert!(text.lines().any(|l| l.contains(&format!("{id} closed: "))), "{id} never closed:\n{text}");
+    }
 }
