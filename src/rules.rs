@@ -322,8 +322,7 @@ mod tests {
         ] {
             assert!(is_private(ip(a)), "{a} is private");
         }
-        for a in
-            [
+        for a in [
             "1.1.1.1",
             "100.128.0.1",
             "172.32.0.1",
@@ -335,8 +334,7 @@ mod tests {
             "::ffff:8.8.8.8",
             "64:ff9b::8.8.8.8",
             "64:ff9b:2::1",
-        ]
-        {
+        ] {
             assert!(!is_private(ip(a)), "{a} is public");
         }
     }

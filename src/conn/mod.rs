@@ -384,7 +384,47 @@ pub(crate) fn linger(from: impl Recycle, why: Close, client: &mut Client, ctx: &
 
 #[cfg(test)]
 mod tests {
-    use super::Ready;
+    use super::*;
+
+    fn env() -> Env {
+        let now = Instant::now();
+        Env {
+            pool: Pool::new(4096),
+            timers: Timers::new(now, [None; crate::timer::KINDS]),
+            resolver: None,
+            users: None,
+            rules: Rules::default(),
+            limits: Limits::new(None, None),
+            warnings: Warnings::default(),
+        }
+    }
+
+    /// Regression: an answer that found its session in any state but
+    /// Resolving replaced that state with nothing, destroying a live
+    /// session. It must leave the session exactly as it was.
+    #[test]
+    fn an_answer_for_a_session_not_resolving_leaves_it_as_it_was() {
+        let poll = mio::Poll::new().unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        client.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        accepted.set_nonblocking(true).unwrap();
+        let mut env = env();
+        let mut conn = Conn::new(7, TcpStream::from_std(accepted), false, &mut env.pool);
+        let mut ctx = Ctx { registry: poll.registry(), env: &mut env, now: Instant::now(), key: 0, id: 7 };
+        let answer = Ok(vec![SocketAddr::from(([127, 0, 0, 1], 9))]);
+        assert!(matches!(conn.resolved(answer, &mut ctx), Step::Wait));
+        assert!(matches!(conn.state, State::Handshake(_)), "the handshake must go on");
+        // And it does: a greeting still gets its answer.
+        use std::io::Read;
+        (&client).write_all(&[5, 1, 0]).unwrap();
+        conn.client.ready.set(Ready::CLIENT_R | Ready::CLIENT_W);
+        assert!(matches!(conn.drive(&mut ctx), Step::Wait));
+        let mut m = [0u8; 2];
+        (&client).read_exact(&mut m).unwrap();
+        assert_eq!(m, [5, 0]);
+    }
 
     #[test]
     fn short_read_clears_readiness_unless_eof_is_queued() {
