@@ -269,13 +269,9 @@ impl Log {
     }
 }
 
-/// Starts the binary on a free port and waits for its start-up line.
-fn spawn(extra: &[&str]) -> (Child, std::net::SocketAddr) {
-    let (child, addr, _log) = spawn_logged(extra);
-    (child, addr)
-}
-
-fn spawn_logged(extra: &[&str]) -> (Child, std::net::SocketAddr, Log) {
+/// Starts the binary on a free port with its stderr read into a [`Log`];
+/// returns at once.
+fn start_logged(extra: &[&str]) -> (Child, String, Log) {
     let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let listen = format!("127.0.0.1:{port}");
     let mut child = Command::new(BIN)
@@ -295,7 +291,17 @@ fn spawn_logged(extra: &[&str]) -> (Child, std::net::SocketAddr, Log) {
             }
         }
     });
-    let log = Log(rx, Default::default());
+    (child, listen, Log(rx, Default::default()))
+}
+
+/// Starts the binary on a free port and waits for its start-up line.
+fn spawn(extra: &[&str]) -> (Child, std::net::SocketAddr) {
+    let (child, addr, _log) = spawn_logged(extra);
+    (child, addr)
+}
+
+fn spawn_logged(extra: &[&str]) -> (Child, std::net::SocketAddr, Log) {
+    let (child, listen, log) = start_logged(extra);
     let line = log.wait_for("listening on");
     assert!(line.contains(&listen), "{line}");
     (child, listen.parse().unwrap(), log)
@@ -380,22 +386,7 @@ fn a_sighup_during_start_up_is_held_not_fatal() {
     let c_path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
     // SAFETY: mkfifo(3) with a valid NUL-terminated path.
     assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
-    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let listen = format!("127.0.0.1:{port}");
-    let mut child = Command::new(BIN)
-        .args(["--listen", &listen, "--users", fifo.to_str().unwrap()])
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let log = Log(rx, Default::default());
+    let (mut child, listen, log) = start_logged(&["--users", fifo.to_str().unwrap()]);
     // Opening for writing returns once the server has opened the FIFO to
     // read its users: it is in start-up, past where handlers go in.
     let mut w = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();

@@ -6,7 +6,6 @@ mod common;
 use common::*;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
-use std::time::Duration;
 
 /// Sends `total` bytes in a thread, ignoring errors (the proxy may stop
 /// taking them), then half-closes.
@@ -75,17 +74,23 @@ fn a_refused_client_that_pipelined_a_large_payload_still_gets_its_reply() {
     proxy.wait_sessions(0);
 }
 
-/// A client that never stops sending after its failure reply is cut off at
-/// the linger bound (1 MiB or 2 s), not served forever.
-#[test]
-fn lingering_is_bounded() {
-    let proxy = Proxy::start();
+/// A session whose CONNECT was refused, with its reply read.
+fn refused(proxy: &Proxy) -> TcpStream {
     let mut s = connect(proxy.addr);
     let mut wire = vec![5, 1, 0];
     wire.extend(connect_request(closed_port()));
     s.write_all(&wire).unwrap();
     expect(&mut s, &[5, 0]);
     assert_eq!(read_reply(&mut s).unwrap().0, 5);
+    s
+}
+
+/// A client that never stops sending after its failure reply is cut off at
+/// the linger bound (1 MiB or 2 s), not served forever.
+#[test]
+fn lingering_is_bounded() {
+    let proxy = Proxy::start();
+    let mut s = refused(&proxy);
     let sender = std::thread::spawn(move || {
         let chunk = [0u8; 64 * 1024];
         let mut sent = 0usize;
@@ -103,13 +108,7 @@ fn lingering_is_bounded() {
 #[test]
 fn a_silent_client_is_closed_after_the_linger_time() {
     let proxy = Proxy::start();
-    let mut s = connect(proxy.addr);
-    let mut wire = vec![5, 1, 0];
-    wire.extend(connect_request(closed_port()));
-    s.write_all(&wire).unwrap();
-    expect(&mut s, &[5, 0]);
-    assert_eq!(read_reply(&mut s).unwrap().0, 5);
+    let mut s = refused(&proxy);
     assert!(closed(&mut s), "FIN right after the reply");
     proxy.wait_sessions(0);
-    s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
 }
