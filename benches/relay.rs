@@ -11,7 +11,9 @@
 //! Environment: SLABSOCKS_BENCH_ROUNDS (3), SLABSOCKS_BENCH_MB (256 MiB per
 //! throughput run), SLABSOCKS_BENCH_IDLE (3000 idle sessions for memory),
 //! SLABSOCKS_BENCH_ONLY (comma-separated target names), SLABSOCKS_BENCH_ARGS
-//! (extra slabsocks flags, e.g. "--buffer-size 64k").
+//! (extra slabsocks flags, e.g. "--buffer-size 64k"), SLABSOCKS_BENCH_BASELINE
+//! (the path of another slabsocks binary, say one built from main before a
+//! change: measured as the target `baseline`, in the same run).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -97,8 +99,14 @@ fn start_target(name: &'static str) -> Result<Target, String> {
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let (child, dir) = match name {
         "direct" => return Ok(Target { name, proxy: None, child: None, _dir: None }),
-        "slabsocks" => {
-            let mut cmd = Command::new(env!("CARGO_BIN_EXE_slabsocks"));
+        "slabsocks" | "baseline" => {
+            let bin = match name {
+                "baseline" => {
+                    std::env::var("SLABSOCKS_BENCH_BASELINE").map_err(|_| "SLABSOCKS_BENCH_BASELINE not set")?
+                }
+                _ => env!("CARGO_BIN_EXE_slabsocks").to_string(),
+            };
+            let mut cmd = Command::new(bin);
             cmd.args(["--listen", &addr.to_string(), "--log-level", "warn"]).stderr(Stdio::inherit());
             let extra = std::env::var("SLABSOCKS_BENCH_ARGS").unwrap_or_default();
             cmd.args(extra.split_whitespace());
@@ -474,7 +482,10 @@ fn main() {
     println!("load generator and servers on CPU 0, each proxy on CPU 1; {rounds} rounds, order rotated");
 
     let mut targets = Vec::new();
-    for name in ["direct", "slabsocks", "microsocks", "dante"] {
+    for name in ["direct", "slabsocks", "baseline", "microsocks", "dante"] {
+        if name == "baseline" && std::env::var_os("SLABSOCKS_BENCH_BASELINE").is_none() {
+            continue;
+        }
         if only.as_deref().is_some_and(|o| !o.split(',').any(|n| n == name)) {
             continue;
         }
