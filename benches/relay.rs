@@ -13,7 +13,10 @@
 //! SLABSOCKS_BENCH_ONLY (comma-separated target names), SLABSOCKS_BENCH_ARGS
 //! (extra slabsocks flags, e.g. "--buffer-size 64k"), SLABSOCKS_BENCH_BASELINE
 //! (the path of another slabsocks binary, say one built from main before a
-//! change: measured as the target `baseline`, in the same run).
+//! change: measured as the target `baseline`, in the same run; or several,
+//! as `label=path,label=path`), SLABSOCKS_BENCH_BURST (1000 clients
+//! connecting at once), SLABSOCKS_BENCH_SCENARIOS (a comma-separated subset
+//! of `relay,burst,memory,syscalls`; default all).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -94,23 +97,29 @@ fn wait_listening(addr: SocketAddr) -> bool {
     false
 }
 
+fn spawn_slabsocks(bin: &str, addr: SocketAddr) -> Result<Child, String> {
+    let mut cmd = Command::new(bin);
+    cmd.args(["--listen", &addr.to_string(), "--log-level", "warn"]).stderr(Stdio::inherit());
+    let extra = std::env::var("SLABSOCKS_BENCH_ARGS").unwrap_or_default();
+    cmd.args(extra.split_whitespace());
+    spawn_pinned(&mut cmd).map_err(|e| format!("{bin}: {e}"))
+}
+
 fn start_target(name: &'static str) -> Result<Target, String> {
     let port = free_port();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let (child, dir) = match name {
         "direct" => return Ok(Target { name, proxy: None, child: None, _dir: None }),
-        "slabsocks" | "baseline" => {
-            let bin = match name {
-                "baseline" => {
-                    std::env::var("SLABSOCKS_BENCH_BASELINE").map_err(|_| "SLABSOCKS_BENCH_BASELINE not set")?
-                }
-                _ => env!("CARGO_BIN_EXE_slabsocks").to_string(),
-            };
-            let mut cmd = Command::new(bin);
-            cmd.args(["--listen", &addr.to_string(), "--log-level", "warn"]).stderr(Stdio::inherit());
-            let extra = std::env::var("SLABSOCKS_BENCH_ARGS").unwrap_or_default();
-            cmd.args(extra.split_whitespace());
-            (spawn_pinned(&mut cmd).map_err(|e| e.to_string())?, None)
+        "slabsocks" => {
+            let bin = env!("CARGO_BIN_EXE_slabsocks");
+            (spawn_slabsocks(bin, addr)?, None)
+        }
+        other if other.contains('=') || other == "baseline" => {
+            let bin = other.split_once('=').map_or_else(
+                || std::env::var("SLABSOCKS_BENCH_BASELINE").unwrap_or_default(),
+                |(_, path)| path.to_string(),
+            );
+            (spawn_slabsocks(&bin, addr)?, None)
         }
         "microsocks" => {
             let mut cmd = Command::new("microsocks");
@@ -136,6 +145,7 @@ fn start_target(name: &'static str) -> Result<Target, String> {
         }
         other => return Err(format!("unknown target {other}")),
     };
+    let name = name.split_once('=').map_or(name, |(label, _)| label);
     let t = Target { name, proxy: Some(addr), child: Some(child), _dir: dir };
     if !wait_listening(addr) {
         return Err(format!("{name} did not start listening"));
@@ -332,6 +342,76 @@ fn latency(via: Option<SocketAddr>, echo: SocketAddr, n: usize) -> (f64, f64) {
 }
 
 /// Proportional set size of a process and its descendants, in KiB.
+/// SYNs the kernel dropped because an accept queue was full (`TcpExt:
+/// ListenOverflows` in /proc/net/netstat; 0 where it is missing).
+fn listen_overflows() -> u64 {
+    let text = std::fs::read_to_string("/proc/net/netstat").unwrap_or_default();
+    let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (Some(names), Some(values)) = (lines.next(), lines.next()) else { return 0 };
+    let i = names.split_whitespace().position(|n| n == "ListenOverflows");
+    i.and_then(|i| values.split_whitespace().nth(i)?.parse().ok()).unwrap_or(0)
+}
+
+/// `n` clients connect back to back (their sockets made beforehand) and send
+/// the SOCKS greeting, while a session already relaying does one-byte round
+/// trips. Returns milliseconds from the first connect to the last method
+/// reply, the SYNs dropped meanwhile (each costs its client a 1 s retry),
+/// and the relaying session's worst round trip in µs.
+fn burst(proxy: SocketAddr, echo: SocketAddr, n: usize) -> (f64, u64, f64) {
+    use socket2::{Domain, Socket, Type};
+    use std::os::fd::AsRawFd;
+    let stop = Arc::new(AtomicBool::new(false));
+    let probe = {
+        let stop = Arc::clone(&stop);
+        let mut s = dial(Some(proxy), echo).expect("dial echo");
+        std::thread::spawn(move || {
+            let (mut worst, mut b) = (0f64, [1u8; 1]);
+            while !stop.load(Ordering::Relaxed) {
+                let t0 = Instant::now();
+                s.write_all(&b).unwrap();
+                s.read_exact(&mut b).unwrap();
+                worst = worst.max(t0.elapsed().as_secs_f64() * 1e6);
+            }
+            worst
+        })
+    };
+    let socks: Vec<Socket> = (0..n)
+        .map(|_| {
+            let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+            s.set_nonblocking(true).unwrap();
+            s
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(50));
+    let dropped = listen_overflows();
+    let t0 = Instant::now();
+    for s in &socks {
+        let _ = s.connect(&proxy.into());
+    }
+    let mut streams = Vec::with_capacity(n);
+    for s in socks {
+        let mut pfd = libc::pollfd { fd: s.as_raw_fd(), events: libc::POLLOUT, revents: 0 };
+        // SAFETY: poll(2) on one valid pollfd that lives across the call.
+        unsafe { libc::poll(&mut pfd, 1, 10_000) };
+        s.set_nonblocking(false).unwrap();
+        let mut t: TcpStream = s.into();
+        t.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        if t.write_all(&[5, 1, 0]).is_ok() {
+            streams.push(t);
+        }
+    }
+    for t in &mut streams {
+        let _ = t.read_exact(&mut [0u8; 2]);
+    }
+    let ms = t0.elapsed().as_secs_f64() * 1e3;
+    let dropped = listen_overflows() - dropped;
+    stop.store(true, Ordering::Relaxed);
+    let worst = probe.join().unwrap_or(0.0);
+    drop(streams);
+    std::thread::sleep(Duration::from_millis(300));
+    (ms, dropped, worst)
+}
+
 fn tree_pss_kib(root: u32) -> u64 {
     tree(root)
         .iter()
@@ -477,16 +557,24 @@ fn main() {
     let mib = env_num("SLABSOCKS_BENCH_MB", 256);
     let idle = env_num("SLABSOCKS_BENCH_IDLE", 3000);
     let only = std::env::var("SLABSOCKS_BENCH_ONLY").ok();
+    let scenarios = std::env::var("SLABSOCKS_BENCH_SCENARIOS").unwrap_or_else(|_| "relay,burst,memory,syscalls".into());
+    let run = |scenario: &str| scenarios.split(',').any(|s| s == scenario);
     println!("machine: {}", machine());
     pin(0);
     println!("load generator and servers on CPU 0, each proxy on CPU 1; {rounds} rounds, order rotated");
 
     let mut targets = Vec::new();
-    for name in ["direct", "slabsocks", "baseline", "microsocks", "dante"] {
-        if name == "baseline" && std::env::var_os("SLABSOCKS_BENCH_BASELINE").is_none() {
-            continue;
-        }
-        if only.as_deref().is_some_and(|o| !o.split(',').any(|n| n == name)) {
+    // Baselines: one path (named `baseline`), or `label=path,...` (named by
+    // their labels).
+    let baselines: Vec<&'static str> = match std::env::var("SLABSOCKS_BENCH_BASELINE") {
+        Ok(v) if v.contains('=') => v.split(',').map(|b| &*Box::leak(b.to_string().into_boxed_str())).collect(),
+        Ok(_) => vec!["baseline"],
+        Err(_) => vec![],
+    };
+    let names = ["direct", "slabsocks"].into_iter().chain(baselines).chain(["microsocks", "dante"]);
+    for name in names {
+        let label = name.split_once('=').map_or(name, |(l, _)| l);
+        if only.as_deref().is_some_and(|o| !o.split(',').any(|n| n == label)) {
             continue;
         }
         match start_target(name) {
@@ -501,7 +589,7 @@ fn main() {
     let mut p50: Vec<Samples> = (0..n).map(|_| Samples::default()).collect();
     let mut p99: Vec<Samples> = (0..n).map(|_| Samples::default()).collect();
     let mut errs = vec![0u64; n];
-    for round in 0..rounds {
+    for round in 0..if run("relay") { rounds } else { 0 } {
         for k in 0..n {
             let i = (k + round) % n;
             let via = targets[i].proxy;
@@ -516,10 +604,31 @@ fn main() {
         }
         eprintln!("round {} of {rounds} done", round + 1);
     }
-    let mem: Vec<Option<f64>> = targets.iter().map(|t| memory_per_session(t, idle)).collect();
+    let burst_n = env_num("SLABSOCKS_BENCH_BURST", 1000);
+    if run("burst") && burst_n > 0 {
+        println!();
+        println!("burst: {burst_n} clients connect at once and greet; a relaying session's worst RTT meanwhile");
+        for round in 0..rounds {
+            for k in 0..n {
+                let i = (k + round) % n;
+                if let Some(proxy) = targets[i].proxy {
+                    let (ms, dropped, worst) = burst(proxy, echo, burst_n);
+                    println!(
+                        "  round {} {:<11} all greeted in {ms:8.1} ms, {dropped:4} SYNs dropped, worst RTT {worst:8.0} µs",
+                        round + 1,
+                        targets[i].name
+                    );
+                }
+            }
+        }
+    }
+    let mem: Vec<Option<f64>> =
+        targets.iter().map(|t| if run("memory") { memory_per_session(t, idle) } else { None }).collect();
     let has_strace = Command::new("strace").arg("-V").stdout(Stdio::null()).status().is_ok_and(|s| s.success());
-    let sys: Vec<Option<f64>> =
-        targets.iter().map(|t| if has_strace { syscalls_per_session(t, echo64, 500) } else { None }).collect();
+    let sys: Vec<Option<f64>> = targets
+        .iter()
+        .map(|t| if has_strace && run("syscalls") { syscalls_per_session(t, echo64, 500) } else { None })
+        .collect();
     if !has_strace {
         println!("strace not installed: no system call counts");
     }

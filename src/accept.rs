@@ -41,6 +41,8 @@ pub(crate) struct Accept {
     gate: Gate,
     max_conns: usize,
     resume_at: usize,
+    /// The listen backlog, when known (for the pause warning).
+    backlog: Option<u32>,
     next_id: u32,
 }
 
@@ -54,8 +56,9 @@ pub(crate) enum Accepted {
 }
 
 impl Accept {
-    pub(crate) fn new(listeners: Vec<TcpListener>, max_conns: usize) -> Accept {
-        Accept { listeners, gate: Gate::Open, max_conns, resume_at: max_conns - max_conns / 10 - 1, next_id: 0 }
+    pub(crate) fn new(listeners: Vec<TcpListener>, max_conns: usize, backlog: Option<u32>) -> Accept {
+        let resume_at = max_conns - max_conns / 10 - 1;
+        Accept { listeners, gate: Gate::Open, max_conns, resume_at, backlog, next_id: 0 }
     }
 
     pub(crate) fn listeners(&self) -> usize {
@@ -85,8 +88,16 @@ impl Accept {
             }
             if conns.len() >= self.max_conns {
                 self.gate = Gate::Full;
-                let max = self.max_conns;
-                env.warnings.warn(Warn::Full, now, format_args!("at max connections ({max}): accepting paused"));
+                let (max, resume) = (self.max_conns, self.resume_at);
+                let queue = self.backlog.map_or("the listen backlog".to_string(), |b| format!("a backlog of {b}"));
+                env.warnings.warn(
+                    Warn::Full,
+                    now,
+                    format_args!(
+                        "at max connections ({max}): accepting paused until {resume} are left; new clients wait \
+                         in {queue} per listener, beyond it their SYNs are dropped and retried"
+                    ),
+                );
                 return Accepted::Done;
             }
             let Some(listener) = self.listeners.get(i) else { return Accepted::Done };
@@ -196,7 +207,7 @@ mod tests {
     /// got id 0, so nothing told a session from the one before it in its slot.
     #[test]
     fn ids_differ_back_to_back_and_wrap_after_2_pow_31() {
-        let mut a = Accept::new(Vec::new(), 10);
+        let mut a = Accept::new(Vec::new(), 10, None);
         let ids: Vec<u32> = (0..1000).map(|_| a.next_id()).collect();
         for w in ids.windows(2) {
             assert_eq!(w[1], w[0] + 1);
@@ -208,7 +219,7 @@ mod tests {
     #[test]
     fn hysteresis_and_backoff() {
         let now = Instant::now();
-        let mut a = Accept::new(Vec::new(), 100);
+        let mut a = Accept::new(Vec::new(), 100, None);
         a.gate = Gate::Full;
         assert!(!a.session_closed(99), "one below the limit is not enough");
         assert!(!a.session_closed(90));

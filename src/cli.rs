@@ -23,6 +23,9 @@ pub struct Cli {
     /// Close relaying sessions idle this long ("off" or 0: never).
     #[arg(long, value_name = "DURATION", default_value = "off", value_parser = duration)]
     pub idle_timeout: Duration,
+    /// Listen backlog: connections queued in the kernel until accepted [default: net.core.somaxconn].
+    #[arg(long, value_name = "N")]
+    pub backlog: Option<u32>,
     /// Sessions held at once [default: from the open-file limit, 2 per session].
     #[arg(long, value_name = "N")]
     pub max_connections: Option<usize>,
@@ -71,6 +74,7 @@ impl Cli {
             handshake_timeout: self.handshake_timeout,
             connect_timeout: self.connect_timeout,
             idle_timeout: (!self.idle_timeout.is_zero()).then_some(self.idle_timeout),
+            backlog: self.backlog,
             max_connections: self.max_connections,
             buffer_size: self.buffer_size,
             resolver_threads: self.resolver_threads,

@@ -22,6 +22,12 @@ pub struct Config {
     /// A relaying session with no traffic in either direction for this long
     /// is closed. `None`: never.
     pub idle_timeout: Option<Duration>,
+    /// The listen backlog: connections the kernel completes and queues
+    /// while the loop has not accepted them yet (in a burst, or while
+    /// accepting is paused at `max_connections`). `None`: the system's cap,
+    /// `net.core.somaxconn`. Listeners handed in through
+    /// [`crate::Server::from_listener`] keep the backlog they were made with.
+    pub backlog: Option<u32>,
     /// Sessions held at once. `None`: derived from RLIMIT_NOFILE (two
     /// descriptors a session, less headroom).
     pub max_connections: Option<usize>,
@@ -53,6 +59,7 @@ impl Default for Config {
             handshake_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
             idle_timeout: None,
+            backlog: None,
             max_connections: None,
             buffer_size: 16 * 1024,
             resolver_threads: 4,
@@ -100,6 +107,9 @@ impl Config {
                 "buffer size {} is outside {MIN_BUFFER_SIZE}..={MAX_BUFFER_SIZE}",
                 self.buffer_size
             )));
+        }
+        if self.backlog.is_some_and(|b| b == 0 || b > i32::MAX as u32) {
+            return err("the backlog must be between 1 and 2147483647");
         }
         if self.max_connections == Some(0) {
             return err("max connections must be at least 1");
@@ -150,6 +160,8 @@ mod tests {
             Config { listen: vec![], ..Config::default() },
             Config { buffer_size: 100, ..Config::default() },
             Config { max_connections: Some(0), ..Config::default() },
+            Config { backlog: Some(0), ..Config::default() },
+            Config { backlog: Some(u32::MAX), ..Config::default() },
             Config { connect_timeout: Duration::ZERO, ..Config::default() },
             Config { resolver_threads: 1000, ..Config::default() },
             Config { idle_timeout: Some(Duration::ZERO), ..Config::default() },

@@ -67,9 +67,24 @@ pub struct Server {
     listeners: Vec<TcpListener>,
     addrs: Vec<SocketAddr>,
     config: Config,
+    /// The listen backlog in force, when we made the listeners.
+    backlog: Option<u32>,
     max_conns: usize,
     waker: Arc<Waker>,
     shared: Arc<Shared>,
+}
+
+/// A non-blocking listener on `addr` with `SO_REUSEADDR` (a restart need not
+/// wait out TIME_WAIT) and the given backlog (mio's own bind fixes it at 128).
+fn listen(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    // socket2 sets close-on-exec itself.
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_nonblocking(true)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
+    Ok(TcpListener::from_std(socket.into()))
 }
 
 fn invalid(msg: String) -> io::Error {
@@ -80,16 +95,22 @@ impl Server {
     /// Validates `config` and binds every listen address.
     pub fn bind(config: Config) -> io::Result<Server> {
         config.validate().map_err(|e| invalid(e.0))?;
+        // The kernel cuts a larger backlog to somaxconn: report what holds.
+        let cap = sys::somaxconn();
+        let backlog = config.backlog.map_or(cap, |b| b.min(cap));
         let mut listeners = Vec::with_capacity(config.listen.len());
         for &addr in &config.listen {
-            let l = TcpListener::bind(addr)
-                .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
+            let l =
+                listen(addr, backlog).map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
             listeners.push(l);
         }
-        Server::with_listeners(listeners, config)
+        let mut server = Server::with_listeners(listeners, config)?;
+        server.backlog = Some(backlog);
+        Ok(server)
     }
 
-    /// Serves on a listener bound elsewhere (`config.listen` is ignored).
+    /// Serves on a listener bound elsewhere (`config.listen` and
+    /// `config.backlog` are ignored: the listener keeps its own backlog).
     pub fn from_listener(listener: std::net::TcpListener, config: Config) -> io::Result<Server> {
         listener.set_nonblocking(true)?;
         Server::with_listeners(vec![TcpListener::from_std(listener)], config)
@@ -118,7 +139,7 @@ impl Server {
             sessions: AtomicUsize::new(0),
             new_users: Mutex::new(None),
         });
-        Ok(Server { poll, listeners, addrs, config, max_conns, waker, shared })
+        Ok(Server { poll, listeners, addrs, config, backlog: None, max_conns, waker, shared })
     }
 
     /// The bound addresses, in `config.listen` order.
@@ -145,9 +166,10 @@ impl Server {
         let c = &self.config;
         let r = &c.rules;
         info!(
-            "listening on {:?}; max connections {}, buffer {} B, handshake timeout {:?}, connect timeout {:?}, \
+            "listening on {:?}; backlog {}, max connections {}, buffer {} B, handshake timeout {:?}, connect timeout {:?}, \
              idle timeout {}, resolver threads {}; login {}; rules: {} client, {} exempt, {} allow-dest, {} deny-dest{}",
             self.addrs,
+            self.backlog.map_or("as made".to_string(), |b| b.to_string()),
             self.max_conns,
             c.buffer_size,
             c.handshake_timeout,
@@ -172,10 +194,10 @@ impl Server {
             limits: Limits::new(c.max_connections_per_client, c.max_connections_per_user),
             warnings: Warnings::default(),
         };
-        let Server { poll, listeners, config, max_conns, shared, .. } = self;
+        let Server { poll, listeners, config, backlog, max_conns, shared, .. } = self;
         let mut lp = Loop {
             poll,
-            accept: Accept::new(listeners, max_conns),
+            accept: Accept::new(listeners, max_conns, backlog),
             config,
             shared,
             env,

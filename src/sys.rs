@@ -37,6 +37,16 @@ pub fn raise_nofile_limit() -> io::Result<u64> {
     Ok(lim.rlim_cur as u64)
 }
 
+/// The kernel's cap on a listen backlog: `net.core.somaxconn` where
+/// `/proc` has it (4096 on Linux since 5.4), else the C library's
+/// `SOMAXCONN`. A larger backlog asked of `listen` is cut to this.
+pub fn somaxconn() -> u32 {
+    std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(libc::SOMAXCONN as u32)
+}
+
 /// Sessions that fit in `nofile` descriptors: two each (client, upstream).
 pub fn max_connections_for(nofile: u64) -> usize {
     let n = nofile.saturating_sub(FD_HEADROOM) / 2;
@@ -51,5 +61,6 @@ mod tests {
         assert_eq!(super::max_connections_for(1024), 480);
         assert_eq!(super::max_connections_for(10), 1);
         assert!(super::nofile_limit().unwrap() > 0);
+        assert!(super::somaxconn() >= 128);
     }
 }

@@ -325,7 +325,10 @@ fn half_close_from_upstream() {
 /// (bounded buffering) and resumes when the client drains, losing nothing.
 #[test]
 fn backpressure_from_a_slow_reader() {
-    const TOTAL: usize = 16 << 20;
+    // More than the socket buffers on the path can hold: each of the two
+    // loopback connections may buffer up to tcp_rmem's maximum (32 MiB on
+    // some machines) plus tcp_wmem's (4 MiB). 16 MiB was seen to fit.
+    const TOTAL: usize = 128 << 20;
     let proxy = Proxy::start();
     let (tx, rx) = mpsc::channel();
     let upstream = serve("127.0.0.1:0", move |mut s| {
@@ -333,7 +336,7 @@ fn backpressure_from_a_slow_reader() {
     });
     let mut s = open(proxy.addr, upstream);
     // The upstream cannot finish while nobody reads.
-    assert!(rx.recv_timeout(Duration::from_millis(500)).is_err(), "16 MiB cannot all be in flight");
+    assert!(rx.recv_timeout(Duration::from_millis(500)).is_err(), "128 MiB cannot all be in flight");
     let got = sum_to_end(&mut s);
     assert_eq!(got, rx.recv_timeout(IO_TIMEOUT).unwrap());
 }

@@ -5,7 +5,9 @@
 use slabsocks::proto::{ReplyFrame, Status, parse_reply};
 use slabsocks::{Config, Handle, Server};
 use std::io::{self, Read, Write};
+use std::io::{BufRead, BufReader};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -336,4 +338,110 @@ pub fn expect(s: &mut TcpStream, want: &[u8]) {
     let mut got = vec![0u8; want.len()];
     s.read_exact(&mut got).unwrap_or_else(|e| panic!("reading {want:?}: {e}"));
     assert_eq!(got, want);
+}
+
+/// The binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_slabsocks");
+
+/// The binary's stderr, line by line, and every line read so far.
+pub struct Log(pub std::sync::mpsc::Receiver<String>, pub std::cell::RefCell<Vec<String>>);
+
+impl Log {
+    /// Finds (waiting, bounded) a line containing `text`, earlier lines
+    /// included; returns it.
+    pub fn wait_for(&self, text: &str) -> String {
+        if let Some(line) = self.1.borrow().iter().find(|l| l.contains(text)) {
+            return line.clone();
+        }
+        let end = Instant::now() + IO_TIMEOUT;
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            match self.0.recv_timeout(left) {
+                Ok(line) => {
+                    self.1.borrow_mut().push(line.clone());
+                    if line.contains(text) {
+                        return line;
+                    }
+                }
+                Err(_) => panic!("no log line with {text:?} in {:?}", self.1.borrow()),
+            }
+        }
+    }
+
+    /// Waits (bounded) until `n` lines contain `text`.
+    pub fn wait_for_nth(&self, text: &str, n: usize) {
+        let end = Instant::now() + IO_TIMEOUT;
+        while self.1.borrow().iter().filter(|l| l.contains(text)).count() < n {
+            let left = end.saturating_duration_since(Instant::now());
+            match self.0.recv_timeout(left) {
+                Ok(line) => self.1.borrow_mut().push(line),
+                Err(_) => panic!("fewer than {n} log lines with {text:?} in {:?}", self.1.borrow()),
+            }
+        }
+    }
+
+    /// Everything logged, up to the child's exit.
+    pub fn all(&self) -> String {
+        while let Ok(line) = self.0.recv_timeout(Duration::from_millis(500)) {
+            self.1.borrow_mut().push(line);
+        }
+        self.1.borrow().join("\n")
+    }
+}
+
+/// Starts the binary on a free port with its stderr read into a [`Log`];
+/// returns at once.
+pub fn start_logged(extra: &[&str]) -> (Child, String, Log) {
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut child = Command::new(BIN)
+        .args(["--listen", &listen])
+        .args(extra)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                // Nobody listens: keep draining so the child never blocks.
+                continue;
+            }
+        }
+    });
+    (child, listen, Log(rx, Default::default()))
+}
+
+/// Starts the binary on a free port and waits for its start-up line.
+pub fn spawn(extra: &[&str]) -> (Child, std::net::SocketAddr) {
+    let (child, addr, _log) = spawn_logged(extra);
+    (child, addr)
+}
+
+pub fn spawn_logged(extra: &[&str]) -> (Child, std::net::SocketAddr, Log) {
+    let (child, listen, log) = start_logged(extra);
+    let line = log.wait_for("listening on");
+    assert!(line.contains(&listen), "{line}");
+    (child, listen.parse().unwrap(), log)
+}
+
+pub fn signal(child: &Child, sig: i32) {
+    // SAFETY: kill(2) on the pid of a child we started and have not reaped.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, sig) }, 0);
+}
+
+pub fn wait_exit(child: &mut Child) -> i32 {
+    let end = Instant::now() + IO_TIMEOUT;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status.code().unwrap_or(-1);
+        }
+        if Instant::now() > end {
+            let _ = child.kill();
+            panic!("server did not exit");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
