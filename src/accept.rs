@@ -148,7 +148,7 @@ impl Accept {
             env.limits.release(key, 0);
             return;
         }
-        debug!("#{id} accepted from {peer}");
+        debug!("#{id} accepted from {peer} (slot {key})");
         let exempt = env.rules.auth_exempt(peer.ip());
         conns.insert(Conn::new(id, stream, exempt, &mut env.pool));
         env.timers.set(key, Kind::Handshake, now);

@@ -40,13 +40,20 @@ impl Lookup {
         Lookup::new(getaddrinfo)
     }
 
-    /// Looks `host` up, folding an empty answer into `NotFound`.
+    /// Looks `host` up, folding an empty answer into `NotFound`. A look-up
+    /// that panics is an error for this name only: the helper thread that
+    /// called it lives on.
     pub fn resolve(&self, host: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
-        match (self.0)(host, port) {
-            Ok(addrs) if addrs.is_empty() => {
-                Err(io::Error::new(io::ErrorKind::NotFound, format!("{host}: no addresses")))
+        let call = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (self.0)(host, port)));
+        match call {
+            Ok(Ok(addrs)) if addrs.is_empty() => {
+                Err(io::Error::new(io::ErrorKind::NotFound, format!("{:?}: no addresses", host)))
             }
-            other => other,
+            Ok(answer) => answer,
+            Err(_) => {
+                log::error!("the name look-up panicked on {host:?}");
+                Err(io::Error::other("the name look-up panicked"))
+            }
         }
     }
 }
@@ -197,7 +204,7 @@ fn serve(shared: &Shared) {
 fn getaddrinfo(host: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
     match (host, port).to_socket_addrs() {
         Ok(it) => Ok(it.collect()),
-        Err(e) => Err(io::Error::new(io::ErrorKind::NotFound, format!("{host}: {e}"))),
+        Err(e) => Err(io::Error::new(io::ErrorKind::NotFound, format!("{host:?}: {e}"))),
     }
 }
 
@@ -227,6 +234,32 @@ mod tests {
             assert!(Instant::now() < end, "helpers still waiting for jobs");
             std::thread::sleep(Duration::from_millis(5));
         }
+    }
+
+    /// A look-up that panics fails that name, and the next name is still
+    /// served (the helper thread did not die with it).
+    #[test]
+    fn a_panicking_lookup_fails_one_name_only() {
+        let lookup = Lookup::new(|host, port| match host {
+            "boom" => panic!("embedder bug"),
+            _ => Ok(vec![SocketAddr::from(([192, 0, 2, 1], port))]),
+        });
+        let poll = mio::Poll::new().unwrap();
+        let waker = Arc::new(Waker::new(poll.registry(), mio::Token(0)).unwrap());
+        let resolver = Resolver::start(1, waker, lookup).unwrap();
+        for (key, host) in [(0, "boom"), (1, "fine")] {
+            let job = Job { key, id: 0, host: host.to_string(), port: 80 };
+            assert!(resolver.submit(job).is_ok());
+        }
+        let mut answers = Vec::new();
+        let end = Instant::now() + Duration::from_secs(10);
+        while answers.len() < 2 {
+            assert!(Instant::now() < end, "{} answers", answers.len());
+            resolver.drain(&mut answers);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(answers[0].addrs.is_err());
+        assert_eq!(answers[1].addrs.as_ref().unwrap(), &[SocketAddr::from(([192, 0, 2, 1], 80))]);
     }
 
     #[test]

@@ -274,13 +274,7 @@ fn no_descriptor_leaks_after_bad_and_failed_sessions() {
 /// the test likes: a SIGHUP then must be held and handled once running.
 #[test]
 fn a_sighup_during_start_up_is_held_not_fatal() {
-    let dir = std::env::temp_dir().join(format!("slabsocks-cli-{}-fifo", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let fifo = dir.join("users");
-    let _ = std::fs::remove_file(&fifo);
-    let c_path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
-    // SAFETY: mkfifo(3) with a valid NUL-terminated path.
-    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+    let (dir, fifo) = fifo("fifo");
     let (mut child, listen, log) = start_logged(&["--users", fifo.to_str().unwrap()]);
     // Opening for writing returns once the server has opened the FIFO to
     // read its users: it is in start-up, past where handlers go in.
@@ -300,6 +294,34 @@ fn a_sighup_during_start_up_is_held_not_fatal() {
     assert_eq!(login_and_connect(addr, "alice", "two", echo).1, 0);
     signal(&child, libc::SIGTERM);
     assert_eq!(wait_exit(&mut child), 0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A FIFO in a fresh temporary folder: a users file whose reader waits
+/// until the test writes.
+fn fifo(name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(format!("slabsocks-cli-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let fifo = dir.join("users");
+    let _ = std::fs::remove_file(&fifo);
+    let c_path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo(3) with a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+    (dir, fifo)
+}
+
+/// A stop request during start-up (here: the users file is a FIFO nobody
+/// writes) ends the process at once instead of waiting for the server.
+#[test]
+fn a_sigterm_during_start_up_exits() {
+    let (dir, fifo) = fifo("fifo-term");
+    let (mut child, _listen, log) = start_logged(&["--users", fifo.to_str().unwrap()]);
+    // The server has the FIFO open once this open returns: it is in start-up.
+    let w = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
+    signal(&child, libc::SIGTERM);
+    assert_eq!(wait_exit(&mut child), 0);
+    drop(w);
+    assert!(log.all().contains("during start-up: exiting"));
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -45,7 +45,7 @@ pub(crate) fn start(request: Request, client: &mut Client, ctx: &mut Ctx<'_>) ->
     }
     ctx.arm(Kind::Connect);
     match target {
-        Target::Ip(addr) => connect(Addrs::one(addr), carry, None, client, ctx),
+        Target::Ip(addr) => connect(Addrs::one(addr), carry, Last::Nothing, client, ctx),
         Target::Name(host, port) => resolve(host, port, carry, client, ctx),
         Target::Unresolvable => fail(carry, Reply::HostUnreachable, client, ctx),
     }
@@ -57,7 +57,7 @@ fn resolve(host: String, port: u16, carry: Carry, client: &mut Client, ctx: &mut
     let Some(resolver) = &ctx.env.resolver else {
         return fail(carry, Reply::HostUnreachable, client, ctx);
     };
-    log::debug!("#{} resolving {host}", ctx.id);
+    log::debug!("#{} resolving {host:?}", ctx.id);
     match resolver.submit(Job { key: ctx.key, id: ctx.id, host, port }) {
         Ok(()) => (State::Resolving(Resolving { carry }), Flow::Wait),
         Err(_) => {
@@ -80,7 +80,7 @@ impl Resolving {
         ctx: &mut Ctx<'_>,
     ) -> (State, Flow) {
         match addrs {
-            Ok(list) => connect(Addrs::list(list), self.carry, None, client, ctx),
+            Ok(list) => connect(Addrs::list(list), self.carry, Last::Nothing, client, ctx),
             Err(e) => {
                 log::debug!("#{} look-up failed: {e}", ctx.id);
                 fail(self.carry, Reply::from_io(&e), client, ctx)
@@ -159,38 +159,42 @@ impl Connecting {
             Err(e) => {
                 log::debug!("#{} connect failed: {e}", ctx.id);
                 drop(up);
-                connect(addrs, carry, Some(e), client, ctx)
+                connect(addrs, carry, Last::Failed(e), client, ctx)
             }
         }
     }
 }
 
-/// Marks addresses the rules deny, in place of a connect error.
-#[derive(Debug)]
-struct Denied;
+/// Why the last address tried did not connect.
+enum Last {
+    /// None tried yet.
+    Nothing,
+    /// The destination rules deny it: never connected to.
+    Denied,
+    Failed(io::Error),
+}
 
-impl std::fmt::Display for Denied {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("denied by the destination rules")
+impl Last {
+    /// The reply once no address is left: the last connect error, REP 0x02
+    /// when every address was denied, 0x04 when there was none.
+    fn reply(&self) -> Reply {
+        match self {
+            Last::Nothing => Reply::HostUnreachable,
+            Last::Denied => Reply::NotAllowed,
+            Last::Failed(e) => Reply::from_io(e),
+        }
     }
 }
 
-impl std::error::Error for Denied {}
-
 /// Starts connecting to the next address the rules allow; when none is
-/// left, replies with the last connect error, or REP 0x02 when every
-/// address was denied (an address a rule denies is never connected to).
-fn connect(
-    mut addrs: Addrs,
-    carry: Carry,
-    mut last_err: Option<io::Error>,
-    client: &mut Client,
-    ctx: &mut Ctx<'_>,
-) -> (State, Flow) {
+/// left, replies as [`Last::reply`] says.
+fn connect(mut addrs: Addrs, carry: Carry, mut last: Last, client: &mut Client, ctx: &mut Ctx<'_>) -> (State, Flow) {
     while let Some(addr) = addrs.next() {
         if !ctx.env.rules.dest_allowed(addr) {
             log::debug!("#{} {addr} denied by rule", ctx.id);
-            last_err.get_or_insert_with(|| io::Error::other(Denied));
+            if let Last::Nothing = last {
+                last = Last::Denied;
+            }
             continue;
         }
         let attempt = TcpStream::connect(addr).and_then(|mut up| {
@@ -203,15 +207,10 @@ fn connect(
                 client.ready.reset_upstream();
                 return (State::Connecting(Connecting { up, addrs, carry }), Flow::Wait);
             }
-            Err(e) => last_err = Some(e),
+            Err(e) => last = Last::Failed(e),
         }
     }
-    let rep = match last_err {
-        Some(e) if e.get_ref().is_some_and(|inner| inner.is::<Denied>()) => Reply::NotAllowed,
-        Some(e) => Reply::from_io(&e),
-        None => Reply::HostUnreachable,
-    };
-    fail(carry, rep, client, ctx)
+    fail(carry, last.reply(), client, ctx)
 }
 
 /// RFC 1928 §6: on success BND.ADDR/BND.PORT are the address the server

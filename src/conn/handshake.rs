@@ -5,7 +5,7 @@
 //! handing a [`Request`] (command, target, pipelined bytes) to the dial step.
 
 use super::dial::{Request, Target};
-use super::{Carry, Client, Close, Ctx, Flow, Ready, Recycle, State, fail, linger, send};
+use super::{Carry, Client, Close, Ctx, Flow, Peer, Ready, Recycle, State, fail, linger, send};
 use crate::buf::{Buf, Io, Pool, read};
 use crate::proto::{
     Addr, Command, Credentials, HTTP_400, Method, Reply, Sniff, Status, encode_auth_reply, encode_method, parse_auth,
@@ -181,9 +181,8 @@ fn auth(data: &[u8], client: &mut Client, ctx: &mut Ctx<'_>) -> Next {
         Ok(()) if sent => Next::Phase(Phase::Request, n),
         Ok(()) => Next::Close(Close::ClientGone),
         Err(why) => {
-            let peer = client.stream.peer_addr().map_or_else(|_| "?".to_string(), |a| a.to_string());
-            let user = user.escape_ascii();
-            env.warnings.warn(Warn::Login, ctx.now, format_args!("{why}: user \"{user}\" from {peer}"));
+            let (id, peer, user) = (ctx.id, Peer(&client.stream), user.escape_ascii());
+            env.warnings.warn(Warn::Login, ctx.now, format_args!("#{id} {why}: user \"{user}\" from {peer}"));
             Next::Answered(why)
         }
     }

@@ -224,6 +224,19 @@ pub(crate) struct Client {
     pub user: u32,
 }
 
+/// Formats a socket's peer address when (and only when) a log line that
+/// names it is written.
+pub(crate) struct Peer<'a>(pub &'a TcpStream);
+
+impl fmt::Display for Peer<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0.peer_addr() {
+            Ok(a) => write!(f, "{a}"),
+            Err(_) => f.write_str("?"),
+        }
+    }
+}
+
 /// Client bytes that arrived after the request, waiting to go upstream.
 pub(crate) struct Carry {
     pub buf: Buf,
@@ -297,7 +310,10 @@ impl Conn {
                 State::Connecting(c) => c.step(client, ctx),
                 State::Relaying(r) => r.step(client, ctx),
                 State::Lingering(l) => l.step(client),
-                State::Taken => (State::Taken, Flow::Close(Close::Done)),
+                State::Taken => {
+                    debug_assert!(false, "a handler left no state behind");
+                    (State::Taken, Flow::Close(Close::Done))
+                }
             };
             self.state = state;
             match flow {
@@ -312,11 +328,12 @@ impl Conn {
     /// The resolver's answer to this session's look-up. A session that is
     /// not waiting for one is left exactly as it was.
     pub(crate) fn resolved(&mut self, addrs: io::Result<Vec<SocketAddr>>, ctx: &mut Ctx<'_>) -> Step {
-        if !matches!(self.state, State::Resolving(_)) {
-            return Step::Wait;
-        }
-        let State::Resolving(r) = std::mem::replace(&mut self.state, State::Taken) else {
-            return Step::Wait;
+        let r = match std::mem::replace(&mut self.state, State::Taken) {
+            State::Resolving(r) => r,
+            other => {
+                self.state = other;
+                return Step::Wait;
+            }
         };
         let (state, flow) = r.resolved(addrs, &mut self.client, ctx);
         self.state = state;
@@ -367,11 +384,10 @@ pub(crate) fn send(client: &mut TcpStream, frame: &[u8]) -> bool {
 pub(crate) fn fail(from: impl Recycle, rep: Reply, client: &mut Client, ctx: &mut Ctx<'_>) -> (State, Flow) {
     let mut frame = [0u8; crate::proto::MAX_REPLY_LEN];
     let n = encode_reply(rep, &Addr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0, &mut frame);
-    if !send(&mut client.stream, &frame[..n]) {
-        from.recycle(&mut ctx.env.pool);
-        return (State::Taken, Flow::Close(Close::ClientGone));
-    }
-    linger(from, Close::Failed(rep), client, ctx)
+    // A client that is gone makes the send fail, and the linger's first
+    // read end the session.
+    let why = if send(&mut client.stream, &frame[..n]) { Close::Failed(rep) } else { Close::ClientGone };
+    linger(from, why, client, ctx)
 }
 
 /// After an answer that ends the session (a failure reply, a method

@@ -32,6 +32,15 @@ struct Half {
     end: u32,
 }
 
+/// What both directions' passes share: the session's readiness and end
+/// bits, the pool, and the session id for the log.
+struct Pass<'a> {
+    ready: &'a mut Ready,
+    ends: &'a mut u8,
+    pool: &'a mut Pool,
+    id: u32,
+}
+
 /// Which readiness and end bits a direction uses.
 struct Dir {
     src_r: u8,
@@ -74,15 +83,8 @@ impl Half {
     /// A short read means the socket was drained, and a short write that its
     /// buffer is full: both clear the readiness bit at once, saving the
     /// `EAGAIN` round trip (epoll raises a new edge for any later arrival).
-    fn pass(
-        &mut self,
-        src: &mut TcpStream,
-        dst: &mut TcpStream,
-        ready: &mut Ready,
-        ends: &mut u8,
-        dir: &Dir,
-        pool: &mut Pool,
-    ) -> bool {
+    fn pass(&mut self, src: &mut TcpStream, dst: &mut TcpStream, dir: &Dir, p: &mut Pass<'_>) -> bool {
+        let (ready, ends, pool, id) = (&mut *p.ready, &mut *p.ends, &mut *p.pool, p.id);
         let (src_r, dst_w) = (dir.src_r, dir.dst_w);
         let dead = *ends & dir.dead != 0;
         let mut moved = false;
@@ -107,7 +109,7 @@ impl Half {
                 }
                 Io::WouldBlock => ready.clear(src_r),
                 Io::Err(e) => {
-                    log::debug!("relay read: {e}");
+                    log::debug!("#{id} relay read: {e}");
                     *ends |= dir.eof;
                     moved = true;
                 }
@@ -162,7 +164,23 @@ pub(crate) struct Relay {
     ends: u8,
 }
 
+/// Whether the session is over, from the end bits alone: when the client
+/// can no longer be written to (nothing left to deliver), when both
+/// directions are over, or when the destination is gone for good while the
+/// client may still be sending (then linger on the client).
+fn end(ends: u8) -> Option<Pumped> {
+    if ends & RX_DEAD != 0 {
+        return Some(Pumped::Close(Close::ClientGone));
+    }
+    match ends & (TX_SHUT | RX_SHUT | TX_DEAD) {
+        e if e & (TX_SHUT | RX_SHUT) == TX_SHUT | RX_SHUT => Some(Pumped::Close(Close::Done)),
+        e if e == RX_SHUT | TX_DEAD => Some(Pumped::Linger),
+        _ => None,
+    }
+}
+
 /// How a pump ended.
+#[derive(Debug, PartialEq, Eq)]
 enum Pumped {
     Wait,
     Again,
@@ -189,19 +207,14 @@ impl Relay {
     }
 
     fn pump(&mut self, client: &mut TcpStream, ready: &mut Ready, ctx: &mut Ctx<'_>) -> Pumped {
-        let pool = &mut ctx.env.pool;
+        let mut p = Pass { ready, ends: &mut self.ends, pool: &mut ctx.env.pool, id: ctx.id };
         let mut moved = false;
         let mut budget = BUDGET;
         let end = loop {
-            let tx = self.tx.pass(client, &mut self.up, ready, &mut self.ends, &TX, pool);
-            let rx = self.rx.pass(&mut self.up, client, ready, &mut self.ends, &RX, pool);
-            if self.ends & RX_DEAD != 0 {
-                break Pumped::Close(Close::ClientGone);
-            }
-            match self.ends & (TX_SHUT | RX_SHUT | TX_DEAD) {
-                e if e & (TX_SHUT | RX_SHUT) == TX_SHUT | RX_SHUT => break Pumped::Close(Close::Done),
-                e if e == RX_SHUT | TX_DEAD => break Pumped::Linger,
-                _ => {}
+            let tx = self.tx.pass(client, &mut self.up, &TX, &mut p);
+            let rx = self.rx.pass(&mut self.up, client, &RX, &mut p);
+            if let Some(end) = end(*p.ends) {
+                break end;
             }
             if !(tx || rx) {
                 break Pumped::Wait;
@@ -223,6 +236,39 @@ impl Recycle for Relay {
     fn recycle(self, pool: &mut Pool) {
         for buf in [self.tx.buf, self.rx.buf].into_iter().flatten() {
             pool.put(buf);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every combination of the end bits that matter, and what it means.
+    #[test]
+    fn end_table() {
+        let close = |why| Some(Pumped::Close(why));
+        let table = [
+            (0, None),
+            (TX_EOF, None),
+            (TX_EOF | TX_SHUT, None),
+            (RX_EOF | RX_SHUT, None),
+            // Both directions over: done, however they ended.
+            (TX_SHUT | RX_SHUT, close(Close::Done)),
+            (TX_EOF | TX_SHUT | RX_EOF | RX_SHUT, close(Close::Done)),
+            (TX_DEAD | TX_SHUT | RX_SHUT, close(Close::Done)),
+            // The destination is gone: the other way runs on to its end...
+            (TX_DEAD, None),
+            (TX_DEAD | RX_EOF, None),
+            // ...then the client, who may still be sending, gets a linger.
+            (TX_DEAD | RX_EOF | RX_SHUT, Some(Pumped::Linger)),
+            // The client cannot be written to: nothing left to deliver.
+            (RX_DEAD, close(Close::ClientGone)),
+            (RX_DEAD | TX_SHUT, close(Close::ClientGone)),
+            (RX_DEAD | TX_DEAD, close(Close::ClientGone)),
+        ];
+        for (ends, want) in table {
+            assert_eq!(end(ends), want, "ends {ends:#08b}");
         }
     }
 }
