@@ -86,7 +86,7 @@ impl Accept {
             if self.gate != Gate::Open {
                 return Accepted::Done;
             }
-            if conns.len() >= self.max_conns {
+            if load(conns.len(), env.binding) >= self.max_conns {
                 self.gate = Gate::Full;
                 let (max, resume) = (self.max_conns, self.resume_at);
                 let queue = self.backlog.map_or("the listen backlog".to_string(), |b| format!("a backlog of {b}"));
@@ -151,6 +151,7 @@ impl Accept {
         debug!("#{id} accepted from {peer} (slot {key})");
         let exempt = env.rules.auth_exempt(peer.ip());
         conns.insert(Conn::new(id, stream, exempt, &mut env.pool));
+        env.open = conns.len();
         env.timers.set(key, Kind::Handshake, now);
     }
 
@@ -193,6 +194,13 @@ impl Accept {
         }
         self.gate = Gate::Stopped;
     }
+}
+
+/// Sessions counted against `max_connections`, which budgets two
+/// descriptors a session: a session waiting in BIND holds a third, so two
+/// of them count as three sessions.
+pub(crate) fn load(open: usize, binding: usize) -> usize {
+    open + binding.div_ceil(2)
 }
 
 fn is_resource_error(e: &io::Error) -> bool {

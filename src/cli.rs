@@ -65,6 +65,18 @@ pub struct Cli {
     /// Sessions allowed at once for one user.
     #[arg(long, value_name = "N")]
     pub max_connections_per_user: Option<u32>,
+    /// Answer BIND with 0x07 (command not supported).
+    #[arg(long)]
+    pub disable_bind: bool,
+    /// Time a BIND waits for its peer before replying 0x04.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = duration)]
+    pub bind_timeout: Duration,
+    /// Ports BIND listeners may use, like 40000-40999 (for a firewall).
+    #[arg(long, value_name = "LO-HI", value_parser = port_range)]
+    pub bind_port_range: Option<(u16, u16)>,
+    /// Address to advertise in BIND replies when behind NAT (repeatable: one IPv4, one IPv6).
+    #[arg(long = "external-addr", value_name = "ADDR")]
+    pub external_addrs: Vec<std::net::IpAddr>,
 }
 
 impl Cli {
@@ -90,6 +102,10 @@ impl Cli {
             },
             max_connections_per_client: self.max_connections_per_client,
             max_connections_per_user: self.max_connections_per_user,
+            bind: !self.disable_bind,
+            bind_timeout: self.bind_timeout,
+            bind_ports: self.bind_port_range,
+            external_addrs: self.external_addrs.clone(),
         }
     }
 }
@@ -114,6 +130,17 @@ fn duration(s: &str) -> Result<Duration, String> {
         .map(Duration::from_millis)
         .filter(|d| *d <= slabsocks::MAX_DURATION)
         .ok_or_else(|| format!("'{s}' is longer than the limit of 8760h (one year)"))
+}
+
+/// `40000-40999`, or one port.
+fn port_range(s: &str) -> Result<(u16, u16), String> {
+    let bad = || format!("'{s}' is not a port range like 40000-40999");
+    let (lo, hi) = s.split_once('-').unwrap_or((s, s));
+    let (lo, hi) = (lo.parse::<u16>().map_err(|_| bad())?, hi.parse::<u16>().map_err(|_| bad())?);
+    if lo == 0 || lo > hi {
+        return Err(bad());
+    }
+    Ok((lo, hi))
 }
 
 /// `16384`, `16k`, `1m`.
@@ -148,6 +175,15 @@ mod tests {
         assert_eq!(duration("8760h"), Ok(slabsocks::MAX_DURATION));
         assert!(duration("8761h").is_err());
         assert!(duration("5124095576030432h").is_err(), "would overflow u64 milliseconds");
+    }
+
+    #[test]
+    fn port_ranges() {
+        assert_eq!(port_range("40000-40999"), Ok((40000, 40999)));
+        assert_eq!(port_range("5000"), Ok((5000, 5000)));
+        for bad in ["0-10", "10-5", "a-b", "1-70000", "", "-"] {
+            assert!(port_range(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

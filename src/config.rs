@@ -4,7 +4,7 @@ use crate::resolver::Lookup;
 use crate::rules::Rules;
 use crate::users::Users;
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 /// Everything a [`crate::Server`] needs to know. `Config::default()` listens
@@ -48,6 +48,17 @@ pub struct Config {
     pub rules: Rules,
     /// Sessions allowed at once from one client address.
     pub max_connections_per_client: Option<u32>,
+    /// Answer BIND requests (RFC 1928 §4); `false`: REP 0x07.
+    pub bind: bool,
+    /// How long a BIND waits for its peer before REP 0x04.
+    pub bind_timeout: Duration,
+    /// Ports BIND listeners may use (inclusive); `None`: any the system
+    /// picks.
+    pub bind_ports: Option<(u16, u16)>,
+    /// Addresses to advertise in BIND (and UDP ASSOCIATE) replies instead
+    /// of the local one, when the server sits behind NAT: at most one per
+    /// family.
+    pub external_addrs: Vec<IpAddr>,
     /// Sessions allowed at once for one user (needs `users`).
     pub max_connections_per_user: Option<u32>,
 }
@@ -69,6 +80,10 @@ impl Default for Config {
             rules: Rules::default(),
             max_connections_per_client: None,
             max_connections_per_user: None,
+            bind: true,
+            bind_timeout: Duration::from_secs(60),
+            bind_ports: None,
+            external_addrs: Vec::new(),
         }
     }
 }
@@ -122,6 +137,7 @@ impl Config {
             ("connect timeout", Some(self.connect_timeout)),
             ("idle timeout", self.idle_timeout),
             ("shutdown grace", Some(self.shutdown_grace)),
+            ("bind timeout", Some(self.bind_timeout)),
         ];
         for (name, d) in durations {
             if d.is_some_and(|d| d > MAX_DURATION) {
@@ -130,6 +146,19 @@ impl Config {
         }
         if self.idle_timeout.is_some_and(|d| d.is_zero()) {
             return err("an idle timeout must be positive (None turns it off)");
+        }
+        if self.bind_timeout.is_zero() {
+            return err("the bind timeout must be positive");
+        }
+        if self.bind_ports.is_some_and(|(lo, hi)| lo == 0 || lo > hi) {
+            return err("a bind port range is LO-HI with 1 <= LO <= HI");
+        }
+        let (v4, v6) = self.external_addrs.iter().fold((0, 0), |(a, b), ip| match ip {
+            IpAddr::V4(_) => (a + 1, b),
+            IpAddr::V6(_) => (a, b + 1),
+        });
+        if v4 > 1 || v6 > 1 || self.external_addrs.iter().any(|ip| ip.is_unspecified() || ip.is_multicast()) {
+            return err("external addresses: at most one IPv4 and one IPv6, neither unspecified nor multicast");
         }
         if self.resolver_threads > 64 {
             return err("at most 64 resolver threads");
@@ -161,6 +190,14 @@ mod tests {
             Config { buffer_size: 100, ..Config::default() },
             Config { max_connections: Some(0), ..Config::default() },
             Config { backlog: Some(0), ..Config::default() },
+            Config { bind_timeout: Duration::ZERO, ..Config::default() },
+            Config { bind_ports: Some((2000, 1000)), ..Config::default() },
+            Config { bind_ports: Some((0, 1000)), ..Config::default() },
+            Config {
+                external_addrs: vec!["192.0.2.1".parse().unwrap(), "192.0.2.2".parse().unwrap()],
+                ..Config::default()
+            },
+            Config { external_addrs: vec!["0.0.0.0".parse().unwrap()], ..Config::default() },
             Config { backlog: Some(u32::MAX), ..Config::default() },
             Config { connect_timeout: Duration::ZERO, ..Config::default() },
             Config { resolver_threads: 1000, ..Config::default() },

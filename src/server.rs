@@ -4,7 +4,7 @@
 use crate::accept::{Accept, Accepted};
 use crate::buf::{Pool, TRIM_PERIOD};
 use crate::config::Config;
-use crate::conn::{Conn, Ctx, Env, Ready, Step};
+use crate::conn::{BindSettings, Conn, Ctx, Env, Ready, Step};
 use crate::limits::Limits;
 use crate::resolver::{Answer, Resolver};
 use crate::sys;
@@ -184,7 +184,8 @@ impl Server {
             if r.deny_private_dest { ", private destinations denied" } else { "" },
         );
         let now = Instant::now();
-        let durations = [Some(c.handshake_timeout), Some(c.connect_timeout), c.idle_timeout, Some(LINGER)];
+        let durations =
+            [Some(c.handshake_timeout), Some(c.connect_timeout), c.idle_timeout, Some(LINGER), Some(c.bind_timeout)];
         let env = Env {
             timers: Timers::new(now, durations),
             pool: Pool::new(c.buffer_size),
@@ -193,6 +194,10 @@ impl Server {
             rules: c.rules.clone(),
             limits: Limits::new(c.max_connections_per_client, c.max_connections_per_user),
             warnings: Warnings::default(),
+            bind: BindSettings { enabled: c.bind, ports: c.bind_ports, external: c.external_addrs.clone(), cursor: 0 },
+            open: 0,
+            max_conns: self.max_conns,
+            binding: 0,
         };
         let Server { poll, listeners, config, backlog, max_conns, shared, .. } = self;
         let mut lp = Loop {
@@ -322,8 +327,9 @@ impl Loop {
         self.env.limits.release(key, conn.client.user);
         // Dropping the sockets closes them, which removes them from the poll
         // set; a stale event already fetched is caught by the session id.
-        conn.recycle(&mut self.env.pool);
-        if self.accept.session_closed(self.conns.len()) {
+        conn.recycle(&mut self.env);
+        self.env.open = self.conns.len();
+        if self.accept.session_closed(crate::accept::load(self.conns.len(), self.env.binding)) {
             self.retry_listeners();
         }
     }

@@ -16,9 +16,11 @@ pub(crate) enum Kind {
     Idle = 2,
     /// A session that answered and is reading what the client still sends.
     Linger = 3,
+    /// A BIND waiting for its peer.
+    Bind = 4,
 }
 
-pub(crate) const KINDS: usize = 4;
+pub(crate) const KINDS: usize = 5;
 
 /// How long a session lingers after its last answer (see `conn/linger.rs`).
 pub(crate) const LINGER: Duration = Duration::from_secs(2);
@@ -124,7 +126,8 @@ impl Timers {
     /// Disarms and returns one session whose deadline has passed.
     pub(crate) fn pop_expired(&mut self, now: Instant) -> Option<(usize, Kind)> {
         let now = self.now_ms(now);
-        for (k, kind) in [Kind::Handshake, Kind::Connect, Kind::Idle, Kind::Linger].into_iter().enumerate() {
+        for (k, kind) in [Kind::Handshake, Kind::Connect, Kind::Idle, Kind::Linger, Kind::Bind].into_iter().enumerate()
+        {
             let h = self.head[k];
             if h != NIL && self.links[h as usize].deadline <= now {
                 self.cancel(h as usize);
@@ -141,7 +144,7 @@ mod tests {
 
     fn timers(t0: Instant) -> Timers {
         let s = |n| Some(Duration::from_secs(n));
-        Timers::new(t0, [s(10), s(5), s(60), s(2)])
+        Timers::new(t0, [s(10), s(5), s(60), s(2), s(60)])
     }
 
     #[test]
@@ -186,7 +189,7 @@ mod tests {
     #[test]
     fn touch_moves_idle_deadline_and_disabled_kinds_never_fire() {
         let t0 = Instant::now();
-        let mut t = Timers::new(t0, [Some(Duration::from_secs(1)), None, Some(Duration::from_secs(16)), None]);
+        let mut t = Timers::new(t0, [Some(Duration::from_secs(1)), None, Some(Duration::from_secs(16)), None, None]);
         t.set(0, Kind::Connect, t0);
         assert_eq!(t.next_deadline(), None);
         t.set(0, Kind::Idle, t0);

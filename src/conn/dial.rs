@@ -40,26 +40,46 @@ pub(crate) fn start(request: Request, client: &mut Client, ctx: &mut Ctx<'_>) ->
     let Request { command, target, carry } = request;
     match command {
         Command::Connect => {}
-        // BIND and UDP ASSOCIATE branch here when they land.
+        Command::Bind if ctx.env.bind.enabled => {}
+        // UDP ASSOCIATE branches here when it lands.
         Command::Bind | Command::UdpAssociate => return fail(carry, Reply::CommandNotSupported, client, ctx),
     }
     ctx.arm(Kind::Connect);
     match target {
-        Target::Ip(addr) => connect(Addrs::one(addr), carry, Last::Nothing, client, ctx),
-        Target::Name(host, port) => resolve(host, port, carry, client, ctx),
+        Target::Ip(addr) => dial(command, Addrs::one(addr), carry, client, ctx),
+        Target::Name(host, port) => resolve(command, host, port, carry, client, ctx),
         Target::Unresolvable => fail(carry, Reply::HostUnreachable, client, ctx),
+    }
+}
+
+/// The command's next step once its target has addresses: CONNECT tries
+/// them in turn; BIND listens for a peer from the first.
+fn dial(command: Command, mut addrs: Addrs, carry: Carry, client: &mut Client, ctx: &mut Ctx<'_>) -> (State, Flow) {
+    match command {
+        Command::Bind => match addrs.next() {
+            Some(dst) => super::bind::start(dst, carry, client, ctx),
+            None => fail(carry, Reply::HostUnreachable, client, ctx),
+        },
+        _ => connect(addrs, carry, Last::Nothing, client, ctx),
     }
 }
 
 /// Hands a name to the resolver; with no resolver threads no name can be
 /// looked up.
-fn resolve(host: String, port: u16, carry: Carry, client: &mut Client, ctx: &mut Ctx<'_>) -> (State, Flow) {
+fn resolve(
+    command: Command,
+    host: String,
+    port: u16,
+    carry: Carry,
+    client: &mut Client,
+    ctx: &mut Ctx<'_>,
+) -> (State, Flow) {
     let Some(resolver) = &ctx.env.resolver else {
         return fail(carry, Reply::HostUnreachable, client, ctx);
     };
     log::debug!("#{} resolving {host:?}", ctx.id);
     match resolver.submit(Job { key: ctx.key, id: ctx.id, host, port }) {
-        Ok(()) => (State::Resolving(Resolving { carry }), Flow::Wait),
+        Ok(()) => (State::Resolving(Resolving { command, carry }), Flow::Wait),
         Err(_) => {
             ctx.env.warnings.warn(Warn::Resolver, ctx.now, format_args!("resolver queue full: a request refused"));
             fail(carry, Reply::GeneralFailure, client, ctx)
@@ -69,6 +89,7 @@ fn resolve(host: String, port: u16, carry: Carry, client: &mut Client, ctx: &mut
 
 /// Waiting for the resolver's answer.
 pub(crate) struct Resolving {
+    command: Command,
     carry: Carry,
 }
 
@@ -80,7 +101,7 @@ impl Resolving {
         ctx: &mut Ctx<'_>,
     ) -> (State, Flow) {
         match addrs {
-            Ok(list) => connect(Addrs::list(list), self.carry, Last::Nothing, client, ctx),
+            Ok(list) => dial(self.command, Addrs::list(list), self.carry, client, ctx),
             Err(e) => {
                 log::debug!("#{} look-up failed: {e}", ctx.id);
                 fail(self.carry, Reply::from_io(&e), client, ctx)

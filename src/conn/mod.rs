@@ -10,6 +10,7 @@
 //! sockets are registered through [`Ctx::register`], time comes in as
 //! `Ctx::now`.
 
+mod bind;
 mod dial;
 mod handshake;
 mod linger;
@@ -31,6 +32,7 @@ use std::io::{self, Write};
 use std::net::SocketAddr;
 use std::time::Instant;
 
+pub(crate) use bind::BindSettings;
 use handshake::{Handshake, Progress};
 use linger::Lingering;
 use relay::Relay;
@@ -127,6 +129,10 @@ pub(crate) enum Close {
     UpstreamGone,
     /// Both directions finished.
     Done,
+    /// The client sent more during a BIND wait than the buffer holds.
+    BindOverflow,
+    /// The client closed while its BIND waited for the peer.
+    ClientLeftBind,
 }
 
 impl fmt::Display for Close {
@@ -155,6 +161,8 @@ impl fmt::Display for Close {
             Close::Failed(_) => "request failed (0x01)",
             Close::UpstreamGone => "destination stopped taking data",
             Close::Done => "done",
+            Close::BindOverflow => "client sent too much during the BIND wait",
+            Close::ClientLeftBind => "client left during the BIND wait",
         };
         f.write_str(s)
     }
@@ -191,6 +199,12 @@ pub(crate) struct Env {
     pub rules: Rules,
     pub limits: Limits,
     pub warnings: Warnings,
+    pub bind: BindSettings,
+    /// Sessions open, and the limit (for BIND's descriptor budget).
+    pub open: usize,
+    pub max_conns: usize,
+    /// Sessions in [`State::Binding`]: each holds a third descriptor.
+    pub binding: usize,
 }
 
 /// The loop's resources, lent to the session being driven.
@@ -262,6 +276,8 @@ pub(crate) enum State {
     /// Waiting for the resolver's answer.
     Resolving(dial::Resolving),
     Connecting(dial::Connecting),
+    /// BIND, waiting for its peer.
+    Binding(bind::Binding),
     Relaying(Relay),
     /// Answered and finished: reading what the client still sends, so that
     /// closing does not reset the answer away.
@@ -276,6 +292,7 @@ impl Recycle for State {
             State::Handshake(h) => h.recycle(pool),
             State::Resolving(r) => r.recycle(pool),
             State::Connecting(c) => c.recycle(pool),
+            State::Binding(b) => b.recycle(pool),
             State::Relaying(r) => r.recycle(pool),
             State::Lingering(_) | State::Taken => {}
         }
@@ -286,6 +303,8 @@ pub(crate) struct Conn {
     pub id: u32,
     /// Has a turn queued in the loop's deferred list.
     pub deferred: bool,
+    /// Counted in `Env::binding`.
+    pub binding: bool,
     pub client: Client,
     state: State,
 }
@@ -294,7 +313,7 @@ impl Conn {
     pub(crate) fn new(id: u32, stream: TcpStream, exempt: bool, pool: &mut Pool) -> Conn {
         let state = State::Handshake(Handshake::new(pool.handshake()));
         let client = Client { stream, ready: Ready::default(), exempt, user: 0 };
-        Conn { id, deferred: false, client, state }
+        Conn { id, deferred: false, binding: false, client, state }
     }
 
     /// Runs the state machine until it waits for an event.
@@ -308,6 +327,7 @@ impl Conn {
                 },
                 s @ State::Resolving(_) => (s, Flow::Wait),
                 State::Connecting(c) => c.step(client, ctx),
+                State::Binding(b) => b.step(client, ctx),
                 State::Relaying(r) => r.step(client, ctx),
                 State::Lingering(l) => l.step(client),
                 State::Taken => {
@@ -316,6 +336,7 @@ impl Conn {
                 }
             };
             self.state = state;
+            self.count_binding(ctx.env);
             match flow {
                 Flow::Continue => continue,
                 Flow::Wait => return Step::Wait,
@@ -337,17 +358,21 @@ impl Conn {
         };
         let (state, flow) = r.resolved(addrs, &mut self.client, ctx);
         self.state = state;
+        self.count_binding(ctx.env);
         self.after(flow, ctx)
     }
 
     /// A deadline armed for this session has passed.
     pub(crate) fn expired(&mut self, kind: Kind, ctx: &mut Ctx<'_>) -> Step {
         match (kind, &self.state) {
-            (Kind::Connect, State::Resolving(_) | State::Connecting(_)) => {
+            // A BIND whose peer never came: the host was unreachable as far
+            // as the client can tell.
+            (Kind::Connect, State::Resolving(_) | State::Connecting(_)) | (Kind::Bind, State::Binding(_)) => {
                 let state = std::mem::replace(&mut self.state, State::Taken);
                 let timed_out = io::Error::from(io::ErrorKind::TimedOut);
                 let (state, flow) = fail(state, Reply::from_io(&timed_out), &mut self.client, ctx);
                 self.state = state;
+                self.count_binding(ctx.env);
                 self.after(flow, ctx)
             }
             (Kind::Handshake, _) => Step::Close(Close::HandshakeTimeout),
@@ -365,9 +390,26 @@ impl Conn {
         }
     }
 
-    /// Gives the session's buffers back to the pool.
-    pub(crate) fn recycle(self, pool: &mut Pool) {
-        self.state.recycle(pool);
+    /// Keeps `Env::binding` in step with the state.
+    fn count_binding(&mut self, env: &mut Env) {
+        let now = matches!(self.state, State::Binding(_));
+        if now != self.binding {
+            self.binding = now;
+            if now {
+                env.binding += 1;
+            } else {
+                env.binding -= 1;
+            }
+        }
+    }
+
+    /// Gives the session's buffers back to the pool (and its BIND
+    /// descriptor back to the budget).
+    pub(crate) fn recycle(self, env: &mut Env) {
+        if self.binding {
+            env.binding -= 1;
+        }
+        self.state.recycle(&mut env.pool);
     }
 }
 
@@ -412,6 +454,10 @@ mod tests {
             rules: Rules::default(),
             limits: Limits::new(None, None),
             warnings: Warnings::default(),
+            bind: BindSettings { enabled: true, ports: None, external: Vec::new(), cursor: 0 },
+            open: 0,
+            max_conns: 10,
+            binding: 0,
         }
     }
 

@@ -138,6 +138,23 @@ pub fn connect_request(target: SocketAddr) -> Vec<u8> {
     r
 }
 
+/// The request bytes for BIND expecting a peer from `peer`.
+pub fn bind_request(peer: SocketAddr) -> Vec<u8> {
+    let mut r = connect_request(peer);
+    r[1] = 2;
+    r
+}
+
+/// BND.ADDR and BND.PORT of a reply frame with an IP address.
+pub fn bnd(frame: &[u8]) -> SocketAddr {
+    match parse_reply(frame) {
+        Ok(Status::Complete(ReplyFrame { addr, port, .. }, _)) => {
+            SocketAddr::new(addr.ip().expect("BND is an IP address"), port)
+        }
+        other => panic!("not a reply: {other:?}"),
+    }
+}
+
 /// The request bytes for CONNECT to a domain name.
 pub fn connect_domain(name: &str, port: u16) -> Vec<u8> {
     let mut r = vec![5, 1, 0, 3, name.len() as u8];

@@ -1,0 +1,265 @@
+//! BIND (RFC 1928 §4, §6): a listening socket for the session, two replies.
+//!
+//! The first reply names where the peer should connect: the local address
+//! the client reached us on (or `--external-addr` behind NAT) and the
+//! listener's port. The session then waits in [`Binding`] for one peer,
+//! under its own deadline. RFC 1928 says DST.ADDR is used "in evaluating
+//! the BIND request": a specific address admits only peers from it, and
+//! `0.0.0.0` / `::` admits anyone. The second reply names the peer; then the
+//! session relays exactly as a CONNECT does, the peer in the upstream's
+//! place.
+
+use super::{Carry, Client, Close, Ctx, Flow, Ready, Recycle, State, fail, send};
+use crate::buf::{Io, Pool, read};
+use crate::proto::{Addr, MAX_REPLY_LEN, Reply, encode_reply};
+use crate::rules::canonical;
+use crate::timer::Kind;
+use crate::token::Role;
+use mio::Interest;
+use mio::net::{TcpListener, TcpStream};
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+/// Peers from the wrong address (or that the rules deny) a BIND turns away
+/// before it fails with REP 0x02.
+pub(crate) const MAX_WRONG_PEERS: u8 = 8;
+/// Ports tried in `--bind-port-range` before REP 0x01.
+const MAX_PORT_TRIES: u32 = 256;
+/// The BIND listener's own backlog: one peer is awaited, a few wrong ones
+/// may come first.
+const BACKLOG: i32 = 8;
+
+/// What BIND needs from the configuration.
+pub(crate) struct BindSettings {
+    pub enabled: bool,
+    pub ports: Option<(u16, u16)>,
+    pub external: Vec<IpAddr>,
+    /// Where the next search of the port range starts.
+    pub cursor: u32,
+}
+
+impl BindSettings {
+    fn external(&self, v6: bool) -> Option<IpAddr> {
+        self.external.iter().copied().find(|ip| ip.is_ipv6() == v6)
+    }
+}
+
+/// Waiting for the peer.
+pub(crate) struct Binding {
+    listener: TcpListener,
+    /// Only a peer from this address is accepted (`None`: any peer).
+    expect: Option<IpAddr>,
+    /// What the client sends during the wait, forwarded after the second
+    /// reply.
+    carry: Carry,
+    wrong: u8,
+}
+
+impl Recycle for Binding {
+    fn recycle(self, pool: &mut Pool) {
+        self.carry.recycle(pool);
+    }
+}
+
+/// Opens the listener for a BIND whose DST is `dst` and sends the first
+/// reply.
+pub(crate) fn start(dst: SocketAddr, carry: Carry, client: &mut Client, ctx: &mut Ctx<'_>) -> (State, Flow) {
+    let dst_ip = canonical(dst.ip());
+    let expect = (!dst_ip.is_unspecified()).then_some(dst_ip);
+    // The rules decide whether a BIND for this DST.ADDR is allowed at all.
+    if let Some(ip) = expect
+        && !ctx.env.rules.dest_allowed(SocketAddr::new(ip, dst.port()))
+    {
+        log::debug!("#{} BIND for {dst} denied by rule", ctx.id);
+        return fail(carry, Reply::NotAllowed, client, ctx);
+    }
+    // A binding session holds a third descriptor: keep within the budget.
+    let env = &ctx.env;
+    if 2 * env.open + env.binding + 1 > 2 * env.max_conns {
+        log::debug!("#{} BIND refused: no descriptor left for a listener", ctx.id);
+        return fail(carry, Reply::GeneralFailure, client, ctx);
+    }
+    let Some((local, advertised)) = addresses(dst_ip, &client.stream, &ctx.env.bind) else {
+        log::debug!("#{} BIND for {dst}: no local address of that family to offer", ctx.id);
+        return fail(carry, Reply::AddrTypeNotSupported, client, ctx);
+    };
+    let listener = match listen(local, &mut ctx.env.bind) {
+        Ok(l) => l,
+        Err(e) => {
+            log::debug!("#{} BIND listener on {local}: {e}", ctx.id);
+            return fail(carry, Reply::GeneralFailure, client, ctx);
+        }
+    };
+    let mut listener = listener;
+    let port = match listener.local_addr() {
+        Ok(a) => a.port(),
+        Err(_) => return fail(carry, Reply::GeneralFailure, client, ctx),
+    };
+    if ctx.register(&mut listener, Role::BindListener, Interest::READABLE).is_err() {
+        return fail(carry, Reply::GeneralFailure, client, ctx);
+    }
+    client.ready.reset_upstream();
+    let binding = Binding { listener, expect, carry, wrong: 0 };
+    // RFC 1928 §6: the first reply's BND.ADDR/BND.PORT are where the server
+    // listens for the peer.
+    let mut frame = [0u8; MAX_REPLY_LEN];
+    let n = encode_reply(Reply::Succeeded, &Addr::from(advertised), port, &mut frame);
+    if !send(&mut client.stream, &frame[..n]) {
+        return (State::Binding(binding), Flow::Close(Close::ClientGone));
+    }
+    log::debug!("#{} BIND listening on {local}:{port} (advertised {advertised}) for {dst}", ctx.id);
+    ctx.arm(Kind::Bind);
+    (State::Binding(binding), Flow::Continue)
+}
+
+/// The address to listen on and the one to advertise, for a peer of
+/// `dst`'s family: the interface the client reached us on when it is of
+/// that family, else the one the routing table would use towards `dst`;
+/// `--external-addr` of that family replaces the advertised one.
+fn addresses(dst: IpAddr, control: &TcpStream, cfg: &BindSettings) -> Option<(IpAddr, IpAddr)> {
+    let v6 = dst.is_ipv6();
+    let unspecified = if v6 { IpAddr::V6(Ipv6Addr::UNSPECIFIED) } else { IpAddr::V4(Ipv4Addr::UNSPECIFIED) };
+    let local = control
+        .local_addr()
+        .ok()
+        .map(|a| canonical(a.ip()))
+        .filter(|ip| ip.is_ipv6() == v6 && !ip.is_unspecified())
+        .or_else(|| (!dst.is_unspecified()).then(|| route_to(dst)).flatten());
+    match (cfg.external(v6), local) {
+        (Some(ext), local) => Some((local.unwrap_or(unspecified), ext)),
+        (None, Some(local)) => Some((local, local)),
+        (None, None) => None,
+    }
+}
+
+/// The local address the system would send from towards `dst` (a UDP
+/// `connect` sends nothing; it only picks the route).
+fn route_to(dst: IpAddr) -> Option<IpAddr> {
+    let any = if dst.is_ipv6() { IpAddr::V6(Ipv6Addr::UNSPECIFIED) } else { IpAddr::V4(Ipv4Addr::UNSPECIFIED) };
+    let s = std::net::UdpSocket::bind(SocketAddr::new(any, 0)).ok()?;
+    s.connect(SocketAddr::new(dst, 9)).ok()?;
+    s.local_addr().ok().map(|a| a.ip()).filter(|ip| !ip.is_unspecified())
+}
+
+/// A non-blocking listener on `ip`, on a port of the configured range
+/// (searched from a rotating start) or one the system picks.
+fn listen(ip: IpAddr, cfg: &mut BindSettings) -> io::Result<TcpListener> {
+    let Some((lo, hi)) = cfg.ports else {
+        return listen_on(SocketAddr::new(ip, 0));
+    };
+    let size = u32::from(hi - lo) + 1;
+    let mut last = io::Error::from(io::ErrorKind::AddrInUse);
+    for _ in 0..size.min(MAX_PORT_TRIES) {
+        let port = lo + (cfg.cursor % size) as u16;
+        cfg.cursor = cfg.cursor.wrapping_add(1);
+        match listen_on(SocketAddr::new(ip, port)) {
+            Ok(l) => return Ok(l),
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse => last = e,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last)
+}
+
+fn listen_on(addr: SocketAddr) -> io::Result<TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_nonblocking(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    Ok(TcpListener::from_std(socket.into()))
+}
+
+impl Binding {
+    pub(crate) fn step(mut self, client: &mut Client, ctx: &mut Ctx<'_>) -> (State, Flow) {
+        if let Some(why) = self.hold_client_bytes(client) {
+            return (State::Binding(self), Flow::Close(why));
+        }
+        while client.ready.has(Ready::UP_R) {
+            match self.listener.accept() {
+                Ok((peer, addr)) => {
+                    if self.admits(addr, ctx) {
+                        return self.accepted(peer, addr, client, ctx);
+                    }
+                    log::debug!("#{} BIND: turned away {addr}", ctx.id);
+                    drop(peer);
+                    self.wrong += 1;
+                    if self.wrong >= MAX_WRONG_PEERS {
+                        return fail(self, Reply::NotAllowed, client, ctx);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => client.ready.clear(Ready::UP_R),
+                // An aborted connection concerns that peer only.
+                Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => {}
+                Err(e) => {
+                    log::debug!("#{} BIND accept: {e}", ctx.id);
+                    return fail(self, Reply::GeneralFailure, client, ctx);
+                }
+            }
+        }
+        (State::Binding(self), Flow::Wait)
+    }
+
+    /// Reads what the client sends during the wait into the carry buffer,
+    /// to be forwarded after the second reply. A client that closes leaves;
+    /// one that sends more than the buffer holds is cut off.
+    fn hold_client_bytes(&mut self, client: &mut Client) -> Option<Close> {
+        let c = &mut self.carry;
+        while client.ready.has(Ready::CLIENT_R) {
+            if c.start > 0 {
+                c.buf.copy_within(c.start as usize..c.end as usize, 0);
+                (c.start, c.end) = (0, c.end - c.start);
+            }
+            let full = c.end as usize == c.buf.len();
+            let mut probe = [0u8; 1];
+            let room: &mut [u8] = if full { &mut probe } else { &mut c.buf[c.end as usize..] };
+            let want = room.len();
+            match read(&mut client.stream, room) {
+                Io::Done(_) if full => return Some(Close::BindOverflow),
+                Io::Done(n) => {
+                    if n < want {
+                        client.ready.short_read(Ready::CLIENT_R);
+                    }
+                    c.end += n as u32;
+                }
+                Io::WouldBlock => client.ready.clear(Ready::CLIENT_R),
+                Io::Eof => return Some(Close::ClientLeftBind),
+                Io::Err(_) => return Some(Close::ClientError),
+            }
+        }
+        None
+    }
+
+    /// The peer is from the address DST.ADDR named (any, for an unspecified
+    /// one) and the destination rules allow it, as they would a CONNECT.
+    fn admits(&self, peer: SocketAddr, ctx: &Ctx<'_>) -> bool {
+        let from = canonical(peer.ip());
+        self.expect.is_none_or(|ip| ip == from) && ctx.env.rules.dest_allowed(SocketAddr::new(from, peer.port()))
+    }
+
+    /// Closes the listener, sends the second reply and relays.
+    fn accepted(self, mut peer: TcpStream, addr: SocketAddr, client: &mut Client, ctx: &mut Ctx<'_>) -> (State, Flow) {
+        let Binding { listener, carry, .. } = self;
+        drop(listener);
+        let _ = peer.set_nodelay(true);
+        if ctx.register(&mut peer, Role::Upstream, Interest::READABLE | Interest::WRITABLE).is_err() {
+            return fail(carry, Reply::GeneralFailure, client, ctx);
+        }
+        // RFC 1928 §6: the second reply's BND.ADDR/BND.PORT are the peer's.
+        let mut frame = [0u8; MAX_REPLY_LEN];
+        let n = encode_reply(Reply::Succeeded, &Addr::from(canonical(addr.ip())), addr.port(), &mut frame);
+        let relay = super::Relay::new(peer, carry);
+        if !send(&mut client.stream, &frame[..n]) {
+            return (State::Relaying(relay), Flow::Close(Close::ClientGone));
+        }
+        log::debug!("#{} BIND: peer {addr} connected", ctx.id);
+        // The peer may have written already: look before any event says so.
+        client.ready.reset_upstream();
+        client.ready.set(Ready::UP_R | Ready::UP_W);
+        ctx.arm(Kind::Idle);
+        (State::Relaying(relay), Flow::Continue)
+    }
+}
