@@ -86,7 +86,7 @@ impl Accept {
             if self.gate != Gate::Open {
                 return Accepted::Done;
             }
-            if load(conns.len(), env.binding) >= self.max_conns {
+            if load(conns.len(), env.third_fd) >= self.max_conns {
                 self.gate = Gate::Full;
                 let (max, resume) = (self.max_conns, self.resume_at);
                 let queue = self.backlog.map_or("the listen backlog".to_string(), |b| format!("a backlog of {b}"));
@@ -197,10 +197,10 @@ impl Accept {
 }
 
 /// Sessions counted against `max_connections`, which budgets two
-/// descriptors a session: a session waiting in BIND holds a third, so two
-/// of them count as three sessions.
-pub(crate) fn load(open: usize, binding: usize) -> usize {
-    open + binding.div_ceil(2)
+/// descriptors a session: a session waiting in BIND or holding a UDP
+/// association has a third, so two of them count as three sessions.
+pub(crate) fn load(open: usize, third_fd: usize) -> usize {
+    open + third_fd.div_ceil(2)
 }
 
 fn is_resource_error(e: &io::Error) -> bool {

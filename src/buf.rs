@@ -21,7 +21,12 @@ pub(crate) struct Pool {
     size: usize,
     relay: FreeList,
     handshake: FreeList,
+    udp: FreeList,
 }
+
+/// Size of the buffer a UDP datagram waits in while its destination's name
+/// is resolved: the largest UDP payload.
+pub(crate) const UDP_BUF: usize = 65_536;
 
 /// Free buffers, and the fewest there were since the last trim: that many
 /// were not needed during the period.
@@ -48,7 +53,7 @@ impl FreeList {
 
 impl Pool {
     pub(crate) fn new(size: usize) -> Pool {
-        Pool { size, relay: FreeList::default(), handshake: FreeList::default() }
+        Pool { size, relay: FreeList::default(), handshake: FreeList::default(), udp: FreeList::default() }
     }
 
     pub(crate) fn relay(&mut self) -> Buf {
@@ -59,19 +64,31 @@ impl Pool {
         self.handshake.take(HANDSHAKE_BUF)
     }
 
+    pub(crate) fn udp(&mut self) -> Buf {
+        self.udp.take(UDP_BUF)
+    }
+
+    pub(crate) fn udp_size(&self) -> usize {
+        UDP_BUF
+    }
+
     /// Frees the buffers that stayed in the pool since the last call;
     /// returns how many. Called every [`TRIM_PERIOD`].
     pub(crate) fn trim(&mut self) -> usize {
-        let freed = self.relay.trim() + self.handshake.trim();
+        let freed = self.relay.trim() + self.handshake.trim() + self.udp.trim();
         if freed > 0 {
             release_to_os();
         }
         freed
     }
 
+    /// Takes a buffer back, into the list of its size (where two kinds
+    /// have the same size, either list serves both).
     pub(crate) fn put(&mut self, buf: Buf) {
         if buf.len() == self.size {
             self.relay.bufs.push(buf);
+        } else if buf.len() == UDP_BUF {
+            self.udp.bufs.push(buf);
         } else {
             self.handshake.bufs.push(buf);
         }

@@ -74,9 +74,27 @@ pub struct Cli {
     /// Ports BIND listeners may use, like 40000-40999 (for a firewall).
     #[arg(long, value_name = "LO-HI", value_parser = port_range)]
     pub bind_port_range: Option<(u16, u16)>,
-    /// Address to advertise in BIND replies when behind NAT (repeatable: one IPv4, one IPv6).
+    /// Address to advertise in BIND and UDP replies when behind NAT (repeatable: one IPv4, one IPv6).
     #[arg(long = "external-addr", value_name = "ADDR")]
     pub external_addrs: Vec<std::net::IpAddr>,
+    /// Answer UDP ASSOCIATE with 0x07 (command not supported).
+    #[arg(long)]
+    pub disable_udp: bool,
+    /// Address for the client-facing UDP relay sockets [default: the one the client connected to].
+    #[arg(long, value_name = "ADDR")]
+    pub udp_bind_addr: Option<std::net::IpAddr>,
+    /// Ports client-facing UDP relay sockets may use, like 41000-41999.
+    #[arg(long, value_name = "LO-HI", value_parser = port_range)]
+    pub udp_port_range: Option<(u16, u16)>,
+    /// Which client datagrams are taken: ip, ip+port or none.
+    #[arg(long, value_name = "POLICY", default_value = "ip", value_parser = udp_match)]
+    pub udp_client_match: slabsocks::UdpMatch,
+    /// End a UDP association after this long without datagrams.
+    #[arg(long, value_name = "DURATION", default_value = "2m", value_parser = duration)]
+    pub udp_idle_timeout: Duration,
+    /// UDP associations held at once.
+    #[arg(long, value_name = "N")]
+    pub max_udp_associations: Option<usize>,
 }
 
 impl Cli {
@@ -106,6 +124,12 @@ impl Cli {
             bind_timeout: self.bind_timeout,
             bind_ports: self.bind_port_range,
             external_addrs: self.external_addrs.clone(),
+            udp: !self.disable_udp,
+            udp_bind_addr: self.udp_bind_addr,
+            udp_ports: self.udp_port_range,
+            udp_client_match: self.udp_client_match,
+            udp_idle_timeout: self.udp_idle_timeout,
+            max_udp_associations: self.max_udp_associations,
         }
     }
 }
@@ -130,6 +154,16 @@ fn duration(s: &str) -> Result<Duration, String> {
         .map(Duration::from_millis)
         .filter(|d| *d <= slabsocks::MAX_DURATION)
         .ok_or_else(|| format!("'{s}' is longer than the limit of 8760h (one year)"))
+}
+
+/// `ip`, `ip+port` or `none`.
+fn udp_match(s: &str) -> Result<slabsocks::UdpMatch, String> {
+    match s {
+        "ip" => Ok(slabsocks::UdpMatch::Ip),
+        "ip+port" => Ok(slabsocks::UdpMatch::IpPort),
+        "none" => Ok(slabsocks::UdpMatch::None),
+        _ => Err(format!("'{s}' is not one of ip, ip+port, none")),
+    }
 }
 
 /// `40000-40999`, or one port.

@@ -1,5 +1,6 @@
 //! Plain server configuration, independent of how it was obtained.
 
+pub use crate::conn::UdpMatch;
 use crate::resolver::Lookup;
 use crate::rules::Rules;
 use crate::users::Users;
@@ -61,6 +62,20 @@ pub struct Config {
     pub external_addrs: Vec<IpAddr>,
     /// Sessions allowed at once for one user (needs `users`).
     pub max_connections_per_user: Option<u32>,
+    /// Answer UDP ASSOCIATE (RFC 1928 §7); `false`: REP 0x07.
+    pub udp: bool,
+    /// The address UDP relay sockets facing the client bind to. `None`:
+    /// the address the client's control connection arrived on.
+    pub udp_bind_addr: Option<IpAddr>,
+    /// Ports the client-facing UDP sockets may use (inclusive).
+    pub udp_ports: Option<(u16, u16)>,
+    /// Which client datagrams an association takes.
+    pub udp_client_match: UdpMatch,
+    /// An association with no datagrams either way for this long ends.
+    pub udp_idle_timeout: Duration,
+    /// UDP associations held at once. `None`: no limit but the session
+    /// limit.
+    pub max_udp_associations: Option<usize>,
 }
 
 impl Default for Config {
@@ -84,6 +99,12 @@ impl Default for Config {
             bind_timeout: Duration::from_secs(60),
             bind_ports: None,
             external_addrs: Vec::new(),
+            udp: true,
+            udp_bind_addr: None,
+            udp_ports: None,
+            udp_client_match: UdpMatch::Ip,
+            udp_idle_timeout: Duration::from_secs(120),
+            max_udp_associations: None,
         }
     }
 }
@@ -138,6 +159,7 @@ impl Config {
             ("idle timeout", self.idle_timeout),
             ("shutdown grace", Some(self.shutdown_grace)),
             ("bind timeout", Some(self.bind_timeout)),
+            ("UDP idle timeout", Some(self.udp_idle_timeout)),
         ];
         for (name, d) in durations {
             if d.is_some_and(|d| d > MAX_DURATION) {
@@ -152,6 +174,18 @@ impl Config {
         }
         if self.bind_ports.is_some_and(|(lo, hi)| lo == 0 || lo > hi) {
             return err("a bind port range is LO-HI with 1 <= LO <= HI");
+        }
+        if self.udp_ports.is_some_and(|(lo, hi)| lo == 0 || lo > hi) {
+            return err("a UDP port range is LO-HI with 1 <= LO <= HI");
+        }
+        if self.udp_idle_timeout.is_zero() {
+            return err("the UDP idle timeout must be positive");
+        }
+        if self.max_udp_associations == Some(0) {
+            return err("max UDP associations must be at least 1 (use udp: false to turn UDP off)");
+        }
+        if self.udp_bind_addr.is_some_and(|ip| ip.is_multicast()) {
+            return err("the UDP bind address cannot be multicast");
         }
         let (v4, v6) = self.external_addrs.iter().fold((0, 0), |(a, b), ip| match ip {
             IpAddr::V4(_) => (a + 1, b),
@@ -193,6 +227,9 @@ mod tests {
             Config { bind_timeout: Duration::ZERO, ..Config::default() },
             Config { bind_ports: Some((2000, 1000)), ..Config::default() },
             Config { bind_ports: Some((0, 1000)), ..Config::default() },
+            Config { udp_ports: Some((5, 4)), ..Config::default() },
+            Config { udp_idle_timeout: Duration::ZERO, ..Config::default() },
+            Config { max_udp_associations: Some(0), ..Config::default() },
             Config {
                 external_addrs: vec!["192.0.2.1".parse().unwrap(), "192.0.2.2".parse().unwrap()],
                 ..Config::default()

@@ -73,9 +73,20 @@ impl std::fmt::Debug for Lookup {
 /// Pending jobs allowed per thread before submissions are refused.
 const QUEUE_PER_THREAD: usize = 256;
 
+/// What a look-up is for, carried to its answer: a dial's answer is never
+/// taken for a datagram's, nor the other way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Purpose {
+    /// A CONNECT's or BIND's target.
+    Dial,
+    /// A UDP datagram's destination.
+    Udp,
+}
+
 pub(crate) struct Job {
     pub key: usize,
     pub id: u32,
+    pub purpose: Purpose,
     pub host: String,
     pub port: u16,
 }
@@ -85,6 +96,7 @@ pub(crate) struct Job {
 pub(crate) struct Answer {
     pub key: usize,
     pub id: u32,
+    pub purpose: Purpose,
     pub addrs: io::Result<Vec<SocketAddr>>,
 }
 
@@ -192,7 +204,7 @@ fn serve(shared: &Shared) {
             }
         };
         let addrs = shared.lookup.resolve(&job.host, job.port);
-        lock(&shared.answers).push(Answer { key: job.key, id: job.id, addrs });
+        lock(&shared.answers).push(Answer { key: job.key, id: job.id, purpose: job.purpose, addrs });
         if let Err(e) = shared.waker.wake() {
             log::error!("resolver cannot wake the loop: {e}");
         }
@@ -248,7 +260,7 @@ mod tests {
         let waker = Arc::new(Waker::new(poll.registry(), mio::Token(0)).unwrap());
         let resolver = Resolver::start(1, waker, lookup).unwrap();
         for (key, host) in [(0, "boom"), (1, "fine")] {
-            let job = Job { key, id: 0, host: host.to_string(), port: 80 };
+            let job = Job { key, id: 0, purpose: Purpose::Dial, host: host.to_string(), port: 80 };
             assert!(resolver.submit(job).is_ok());
         }
         let mut answers = Vec::new();

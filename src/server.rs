@@ -4,8 +4,9 @@
 use crate::accept::{Accept, Accepted};
 use crate::buf::{Pool, TRIM_PERIOD};
 use crate::config::Config;
-use crate::conn::{BindSettings, Conn, Ctx, Env, Ready, Step};
+use crate::conn::{BindSettings, Conn, Ctx, Env, Ready, Step, UdpSettings};
 use crate::limits::Limits;
+use crate::resolver::Purpose;
 use crate::resolver::{Answer, Resolver};
 use crate::sys;
 use crate::timer::{LINGER, Timers};
@@ -184,8 +185,14 @@ impl Server {
             if r.deny_private_dest { ", private destinations denied" } else { "" },
         );
         let now = Instant::now();
-        let durations =
-            [Some(c.handshake_timeout), Some(c.connect_timeout), c.idle_timeout, Some(LINGER), Some(c.bind_timeout)];
+        let durations = [
+            Some(c.handshake_timeout),
+            Some(c.connect_timeout),
+            c.idle_timeout,
+            Some(LINGER),
+            Some(c.bind_timeout),
+            Some(c.udp_idle_timeout),
+        ];
         let env = Env {
             timers: Timers::new(now, durations),
             pool: Pool::new(c.buffer_size),
@@ -195,9 +202,19 @@ impl Server {
             limits: Limits::new(c.max_connections_per_client, c.max_connections_per_user),
             warnings: Warnings::default(),
             bind: BindSettings { enabled: c.bind, ports: c.bind_ports, external: c.external_addrs.clone(), cursor: 0 },
+            udp_cfg: UdpSettings {
+                enabled: c.udp,
+                bind_addr: c.udp_bind_addr,
+                ports: c.udp_ports,
+                client_match: c.udp_client_match,
+                max: c.max_udp_associations,
+                cursor: 0,
+                scratch: None,
+            },
             open: 0,
             max_conns: self.max_conns,
-            binding: 0,
+            third_fd: 0,
+            udp: 0,
         };
         let Server { poll, listeners, config, backlog, max_conns, shared, .. } = self;
         let mut lp = Loop {
@@ -329,7 +346,7 @@ impl Loop {
         // set; a stale event already fetched is caught by the session id.
         conn.recycle(&mut self.env);
         self.env.open = self.conns.len();
-        if self.accept.session_closed(crate::accept::load(self.conns.len(), self.env.binding)) {
+        if self.accept.session_closed(crate::accept::load(self.conns.len(), self.env.third_fd)) {
             self.retry_listeners();
         }
     }
@@ -345,12 +362,15 @@ impl Loop {
         let Some(resolver) = &self.env.resolver else { return };
         let mut answers = std::mem::take(&mut self.answers);
         resolver.drain(&mut answers);
-        for Answer { key, id, addrs } in answers.drain(..) {
+        for Answer { key, id, purpose, addrs } in answers.drain(..) {
             // An answer for a session that has gone is dropped without
             // touching the slot's new session.
             let Some(conn) = self.conns.get_mut(key).filter(|c| c.id == id) else { continue };
             let mut ctx = Ctx { registry: self.poll.registry(), env: &mut self.env, now: self.now, key, id };
-            let step = conn.resolved(addrs, &mut ctx);
+            let step = match purpose {
+                Purpose::Dial => conn.resolved(addrs, &mut ctx),
+                Purpose::Udp => conn.udp_resolved(addrs, &mut ctx),
+            };
             self.after(key, id, step);
         }
         self.answers = answers;

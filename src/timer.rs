@@ -18,9 +18,11 @@ pub(crate) enum Kind {
     Linger = 3,
     /// A BIND waiting for its peer.
     Bind = 4,
+    /// A UDP association with no datagrams.
+    UdpIdle = 5,
 }
 
-pub(crate) const KINDS: usize = 5;
+pub(crate) const KINDS: usize = 6;
 
 /// How long a session lingers after its last answer (see `conn/linger.rs`).
 pub(crate) const LINGER: Duration = Duration::from_secs(2);
@@ -87,16 +89,17 @@ impl Timers {
         self.tail[k] = me;
     }
 
-    /// Pushes an armed idle deadline back to `now + idle`. Cheap when called
-    /// on every relay event: it relinks only when the deadline would move by
-    /// more than 1/16 of the timeout (so it may fire that much early).
-    pub(crate) fn touch(&mut self, key: usize, now: Instant) {
-        let k = Kind::Idle as usize;
+    /// Pushes an armed deadline of `kind` (an idle kind) back to
+    /// `now + its duration`. Cheap when called on every relay event or
+    /// datagram: it relinks only when the deadline would move by more than
+    /// 1/16 of the timeout (so it may fire that much early).
+    pub(crate) fn touch(&mut self, key: usize, kind: Kind, now: Instant) {
+        let k = kind as usize;
         if let Some(link) = self.links.get(key)
-            && link.kind == Kind::Idle as u8
+            && link.kind == kind as u8
             && (self.now_ms(now) + self.dur[k]).saturating_sub(link.deadline) > self.dur[k] / 16
         {
-            self.set(key, Kind::Idle, now);
+            self.set(key, kind, now);
         }
     }
 
@@ -126,7 +129,9 @@ impl Timers {
     /// Disarms and returns one session whose deadline has passed.
     pub(crate) fn pop_expired(&mut self, now: Instant) -> Option<(usize, Kind)> {
         let now = self.now_ms(now);
-        for (k, kind) in [Kind::Handshake, Kind::Connect, Kind::Idle, Kind::Linger, Kind::Bind].into_iter().enumerate()
+        for (k, kind) in [Kind::Handshake, Kind::Connect, Kind::Idle, Kind::Linger, Kind::Bind, Kind::UdpIdle]
+            .into_iter()
+            .enumerate()
         {
             let h = self.head[k];
             if h != NIL && self.links[h as usize].deadline <= now {
@@ -144,7 +149,7 @@ mod tests {
 
     fn timers(t0: Instant) -> Timers {
         let s = |n| Some(Duration::from_secs(n));
-        Timers::new(t0, [s(10), s(5), s(60), s(2), s(60)])
+        Timers::new(t0, [s(10), s(5), s(60), s(2), s(60), s(120)])
     }
 
     #[test]
@@ -189,13 +194,14 @@ mod tests {
     #[test]
     fn touch_moves_idle_deadline_and_disabled_kinds_never_fire() {
         let t0 = Instant::now();
-        let mut t = Timers::new(t0, [Some(Duration::from_secs(1)), None, Some(Duration::from_secs(16)), None, None]);
+        let mut t =
+            Timers::new(t0, [Some(Duration::from_secs(1)), None, Some(Duration::from_secs(16)), None, None, None]);
         t.set(0, Kind::Connect, t0);
         assert_eq!(t.next_deadline(), None);
         t.set(0, Kind::Idle, t0);
-        t.touch(0, t0 + Duration::from_millis(500)); // under 1/16: stays
+        t.touch(0, Kind::Idle, t0 + Duration::from_millis(500)); // under 1/16: stays
         assert_eq!(t.next_deadline(), Some(t0 + Duration::from_secs(16)));
-        t.touch(0, t0 + Duration::from_secs(10));
+        t.touch(0, Kind::Idle, t0 + Duration::from_secs(10));
         assert_eq!(t.next_deadline(), Some(t0 + Duration::from_secs(26)));
         assert_eq!(t.pop_expired(t0 + Duration::from_secs(20)), None);
         assert_eq!(t.pop_expired(t0 + Duration::from_secs(26)), Some((0, Kind::Idle)));

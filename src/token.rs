@@ -25,11 +25,13 @@ pub(crate) enum Role {
     Upstream = 1,
     /// BIND's listening socket.
     BindListener = 2,
-    /// UDP ASSOCIATE's relay socket.
+    /// UDP ASSOCIATE's socket facing the client.
     Udp = 3,
+    /// UDP ASSOCIATE's socket facing the remotes.
+    UdpRemote = 4,
 }
 
-const ROLES: [Role; 4] = [Role::Client, Role::Upstream, Role::BindListener, Role::Udp];
+const ROLES: [Role; 5] = [Role::Client, Role::Upstream, Role::BindListener, Role::Udp, Role::UdpRemote];
 
 const ROLE_BITS: u32 = 3;
 /// Slots the slab may use: 2^29 on 64-bit targets, 2^20 on 32-bit ones.

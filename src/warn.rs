@@ -21,9 +21,11 @@ pub(crate) enum Warn {
     Resolver = 3,
     /// A failed login, or a user at its session limit.
     Login = 4,
+    /// The UDP association limit reached.
+    Udp = 5,
 }
 
-const KINDS: usize = 5;
+const KINDS: usize = 6;
 
 #[derive(Default)]
 pub(crate) struct Warnings {

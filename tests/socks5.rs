@@ -130,14 +130,6 @@ fn unknown_command_is_0x07() {
 }
 
 #[test]
-fn udp_associate_is_not_supported_yet() {
-    let proxy = Proxy::start();
-    let (mut s, rep, _) = request(proxy.addr, &[5, 3, 0, 1, 127, 0, 0, 1, 0, 80]);
-    assert_eq!(rep, 7);
-    assert!(closed(&mut s));
-}
-
-#[test]
 fn bad_address_type_is_0x08() {
     let proxy = Proxy::start();
     for atyp in [0u8, 2, 5, 0xff] {

@@ -23,7 +23,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 /// Peers from the wrong address (or that the rules deny) a BIND turns away
 /// before it fails with REP 0x02.
 pub(crate) const MAX_WRONG_PEERS: u8 = 8;
-/// Ports tried in `--bind-port-range` before REP 0x01.
+/// Ports tried in a port range before REP 0x01.
 const MAX_PORT_TRIES: u32 = 256;
 /// The BIND listener's own backlog: one peer is awaited, a few wrong ones
 /// may come first.
@@ -39,7 +39,7 @@ pub(crate) struct BindSettings {
 }
 
 impl BindSettings {
-    fn external(&self, v6: bool) -> Option<IpAddr> {
+    pub(crate) fn external(&self, v6: bool) -> Option<IpAddr> {
         self.external.iter().copied().find(|ip| ip.is_ipv6() == v6)
     }
 }
@@ -73,9 +73,7 @@ pub(crate) fn start(dst: SocketAddr, carry: Carry, client: &mut Client, ctx: &mu
         log::debug!("#{} BIND for {dst} denied by rule", ctx.id);
         return fail(carry, Reply::NotAllowed, client, ctx);
     }
-    // A binding session holds a third descriptor: keep within the budget.
-    let env = &ctx.env;
-    if 2 * env.open + env.binding + 1 > 2 * env.max_conns {
+    if !ctx.env.third_fd_free() {
         log::debug!("#{} BIND refused: no descriptor left for a listener", ctx.id);
         return fail(carry, Reply::GeneralFailure, client, ctx);
     }
@@ -144,16 +142,27 @@ fn route_to(dst: IpAddr) -> Option<IpAddr> {
 /// A non-blocking listener on `ip`, on a port of the configured range
 /// (searched from a rotating start) or one the system picks.
 fn listen(ip: IpAddr, cfg: &mut BindSettings) -> io::Result<TcpListener> {
-    let Some((lo, hi)) = cfg.ports else {
-        return listen_on(SocketAddr::new(ip, 0));
+    in_range(cfg.ports, &mut cfg.cursor, |port| listen_on(SocketAddr::new(ip, port)))
+}
+
+/// `open(port)` on a port of `range`, searched from `*cursor` (which moves
+/// on, so successive searches spread over the range), at most
+/// [`MAX_PORT_TRIES`] ports; port 0 (the system's pick) without a range.
+pub(super) fn in_range<T>(
+    range: Option<(u16, u16)>,
+    cursor: &mut u32,
+    mut open: impl FnMut(u16) -> io::Result<T>,
+) -> io::Result<T> {
+    let Some((lo, hi)) = range else {
+        return open(0);
     };
     let size = u32::from(hi - lo) + 1;
     let mut last = io::Error::from(io::ErrorKind::AddrInUse);
     for _ in 0..size.min(MAX_PORT_TRIES) {
-        let port = lo + (cfg.cursor % size) as u16;
-        cfg.cursor = cfg.cursor.wrapping_add(1);
-        match listen_on(SocketAddr::new(ip, port)) {
-            Ok(l) => return Ok(l),
+        let port = lo + (*cursor % size) as u16;
+        *cursor = cursor.wrapping_add(1);
+        match open(port) {
+            Ok(t) => return Ok(t),
             Err(e) if e.kind() == io::ErrorKind::AddrInUse => last = e,
             Err(e) => return Err(e),
         }

@@ -8,7 +8,7 @@
 use super::{Carry, Client, Close, Ctx, Flow, Ready, Recycle, State, fail, send};
 use crate::buf::Pool;
 use crate::proto::{Addr, Command, MAX_REPLY_LEN, Reply, encode_reply};
-use crate::resolver::Job;
+use crate::resolver::{Job, Purpose};
 use crate::timer::Kind;
 use crate::token::Role;
 use crate::warn::Warn;
@@ -41,7 +41,16 @@ pub(crate) fn start(request: Request, client: &mut Client, ctx: &mut Ctx<'_>) ->
     match command {
         Command::Connect => {}
         Command::Bind if ctx.env.bind.enabled => {}
-        // UDP ASSOCIATE branches here when it lands.
+        // DST of UDP ASSOCIATE is the client's own address, at best (field
+        // clients send 0.0.0.0:0 or their target): never resolved.
+        Command::UdpAssociate if ctx.env.udp_cfg.enabled => {
+            let port = match target {
+                Target::Ip(addr) => addr.port(),
+                Target::Name(_, port) => port,
+                Target::Unresolvable => 0,
+            };
+            return super::udp::start(port, carry, client, ctx);
+        }
         Command::Bind | Command::UdpAssociate => return fail(carry, Reply::CommandNotSupported, client, ctx),
     }
     ctx.arm(Kind::Connect);
@@ -78,7 +87,7 @@ fn resolve(
         return fail(carry, Reply::HostUnreachable, client, ctx);
     };
     log::debug!("#{} resolving {host:?}", ctx.id);
-    match resolver.submit(Job { key: ctx.key, id: ctx.id, host, port }) {
+    match resolver.submit(Job { key: ctx.key, id: ctx.id, purpose: Purpose::Dial, host, port }) {
         Ok(()) => (State::Resolving(Resolving { command, carry }), Flow::Wait),
         Err(_) => {
             ctx.env.warnings.warn(Warn::Resolver, ctx.now, format_args!("resolver queue full: a request refused"));

@@ -15,6 +15,7 @@ mod dial;
 mod handshake;
 mod linger;
 mod relay;
+mod udp;
 
 use crate::buf::{Buf, Pool};
 use crate::limits::Limits;
@@ -36,6 +37,8 @@ pub(crate) use bind::BindSettings;
 use handshake::{Handshake, Progress};
 use linger::Lingering;
 use relay::Relay;
+pub use udp::UdpMatch;
+pub(crate) use udp::UdpSettings;
 
 /// Readiness we were told of and have not yet used up. Events set bits; an
 /// operation that answers `WouldBlock` clears its bit. Edge-triggered
@@ -56,6 +59,10 @@ impl Ready {
     pub const UP_R: u8 = 4;
     pub const UP_W: u8 = 8;
     const UP_HUP: u8 = Ready::UP_R << 4;
+    /// UDP ASSOCIATE's socket facing remotes is readable (in the slot of
+    /// the client's write hang-up bit, which nothing uses). Datagram
+    /// sockets are read until `WouldBlock`: no short-read rule, no hang-up.
+    pub const REMOTE_R: u8 = Ready::CLIENT_W << 4;
 
     /// The bits an event sets for a socket in `role`.
     pub fn from_event(ev: &mio::event::Event, role: Role) -> u8 {
@@ -73,6 +80,8 @@ impl Ready {
         match role {
             Role::Client => bits,
             Role::Upstream | Role::BindListener | Role::Udp => bits << 2,
+            Role::UdpRemote if bits & Ready::CLIENT_R != 0 => Ready::REMOTE_R,
+            Role::UdpRemote => 0,
         }
     }
 
@@ -133,6 +142,10 @@ pub(crate) enum Close {
     BindOverflow,
     /// The client closed while its BIND waited for the peer.
     ClientLeftBind,
+    /// A UDP association's control connection closed.
+    ControlClosed,
+    /// A UDP association without datagrams for `--udp-idle-timeout`.
+    UdpIdle,
 }
 
 impl fmt::Display for Close {
@@ -163,6 +176,8 @@ impl fmt::Display for Close {
             Close::Done => "done",
             Close::BindOverflow => "client sent too much during the BIND wait",
             Close::ClientLeftBind => "client left during the BIND wait",
+            Close::ControlClosed => "UDP association's control connection closed",
+            Close::UdpIdle => "UDP association idle",
         };
         f.write_str(s)
     }
@@ -200,11 +215,22 @@ pub(crate) struct Env {
     pub limits: Limits,
     pub warnings: Warnings,
     pub bind: BindSettings,
+    pub udp_cfg: UdpSettings,
     /// Sessions open, and the limit (for BIND's descriptor budget).
     pub open: usize,
     pub max_conns: usize,
-    /// Sessions in [`State::Binding`]: each holds a third descriptor.
-    pub binding: usize,
+    /// Sessions holding a third descriptor: BIND waits, UDP associations.
+    pub third_fd: usize,
+    /// UDP associations open.
+    pub udp: usize,
+}
+
+impl Env {
+    /// Whether one more session may hold a third descriptor within the
+    /// budget of two a session that `max_connections` stands for.
+    pub fn third_fd_free(&self) -> bool {
+        2 * self.open + self.third_fd < 2 * self.max_conns
+    }
 }
 
 /// The loop's resources, lent to the session being driven.
@@ -278,6 +304,9 @@ pub(crate) enum State {
     Connecting(dial::Connecting),
     /// BIND, waiting for its peer.
     Binding(bind::Binding),
+    /// A UDP association (boxed: it is larger than the other states, and
+    /// rarer).
+    Associated(Box<udp::Associated>),
     Relaying(Relay),
     /// Answered and finished: reading what the client still sends, so that
     /// closing does not reset the answer away.
@@ -293,6 +322,7 @@ impl Recycle for State {
             State::Resolving(r) => r.recycle(pool),
             State::Connecting(c) => c.recycle(pool),
             State::Binding(b) => b.recycle(pool),
+            State::Associated(a) => a.recycle(pool),
             State::Relaying(r) => r.recycle(pool),
             State::Lingering(_) | State::Taken => {}
         }
@@ -303,8 +333,8 @@ pub(crate) struct Conn {
     pub id: u32,
     /// Has a turn queued in the loop's deferred list.
     pub deferred: bool,
-    /// Counted in `Env::binding`.
-    pub binding: bool,
+    /// What the session is counted as in `Env::third_fd` and `Env::udp`.
+    extra: Extra,
     pub client: Client,
     state: State,
 }
@@ -313,7 +343,7 @@ impl Conn {
     pub(crate) fn new(id: u32, stream: TcpStream, exempt: bool, pool: &mut Pool) -> Conn {
         let state = State::Handshake(Handshake::new(pool.handshake()));
         let client = Client { stream, ready: Ready::default(), exempt, user: 0 };
-        Conn { id, deferred: false, binding: false, client, state }
+        Conn { id, deferred: false, extra: Extra::None, client, state }
     }
 
     /// Runs the state machine until it waits for an event.
@@ -328,6 +358,7 @@ impl Conn {
                 s @ State::Resolving(_) => (s, Flow::Wait),
                 State::Connecting(c) => c.step(client, ctx),
                 State::Binding(b) => b.step(client, ctx),
+                State::Associated(a) => a.step(client, ctx),
                 State::Relaying(r) => r.step(client, ctx),
                 State::Lingering(l) => l.step(client),
                 State::Taken => {
@@ -336,7 +367,7 @@ impl Conn {
                 }
             };
             self.state = state;
-            self.count_binding(ctx.env);
+            self.count_extra(ctx.env);
             match flow {
                 Flow::Continue => continue,
                 Flow::Wait => return Step::Wait,
@@ -358,8 +389,17 @@ impl Conn {
         };
         let (state, flow) = r.resolved(addrs, &mut self.client, ctx);
         self.state = state;
-        self.count_binding(ctx.env);
+        self.count_extra(ctx.env);
         self.after(flow, ctx)
+    }
+
+    /// The resolver's answer to a UDP datagram's look-up; anything but an
+    /// association is left as it was.
+    pub(crate) fn udp_resolved(&mut self, addrs: io::Result<Vec<SocketAddr>>, ctx: &mut Ctx<'_>) -> Step {
+        if let State::Associated(a) = &mut self.state {
+            a.resolved(addrs, ctx);
+        }
+        Step::Wait
     }
 
     /// A deadline armed for this session has passed.
@@ -372,12 +412,13 @@ impl Conn {
                 let timed_out = io::Error::from(io::ErrorKind::TimedOut);
                 let (state, flow) = fail(state, Reply::from_io(&timed_out), &mut self.client, ctx);
                 self.state = state;
-                self.count_binding(ctx.env);
+                self.count_extra(ctx.env);
                 self.after(flow, ctx)
             }
             (Kind::Handshake, _) => Step::Close(Close::HandshakeTimeout),
             (Kind::Idle, _) => Step::Close(Close::IdleTimeout),
             (Kind::Linger, State::Lingering(l)) => Step::Close(l.why()),
+            (Kind::UdpIdle, State::Associated(_)) => Step::Close(Close::UdpIdle),
             _ => Step::Wait,
         }
     }
@@ -390,26 +431,49 @@ impl Conn {
         }
     }
 
-    /// Keeps `Env::binding` in step with the state.
-    fn count_binding(&mut self, env: &mut Env) {
-        let now = matches!(self.state, State::Binding(_));
-        if now != self.binding {
-            self.binding = now;
-            if now {
-                env.binding += 1;
-            } else {
-                env.binding -= 1;
-            }
+    /// Keeps `Env::third_fd` and `Env::udp` in step with the state.
+    fn count_extra(&mut self, env: &mut Env) {
+        let now = match self.state {
+            State::Binding(_) => Extra::Bind,
+            State::Associated(_) => Extra::Udp,
+            _ => Extra::None,
+        };
+        if now != self.extra {
+            self.extra.count(env, false);
+            now.count(env, true);
+            self.extra = now;
         }
     }
 
-    /// Gives the session's buffers back to the pool (and its BIND
+    /// Gives the session's buffers back to the pool (and its third
     /// descriptor back to the budget).
     pub(crate) fn recycle(self, env: &mut Env) {
-        if self.binding {
-            env.binding -= 1;
-        }
+        self.extra.count(env, false);
         self.state.recycle(&mut env.pool);
+    }
+}
+
+/// A session's share of the budgets beyond its slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Extra {
+    None,
+    /// Waiting in BIND: a listener.
+    Bind,
+    /// A UDP association: its sockets.
+    Udp,
+}
+
+impl Extra {
+    fn count(self, env: &mut Env, add: bool) {
+        let step = |n: &mut usize| if add { *n += 1 } else { *n -= 1 };
+        match self {
+            Extra::None => {}
+            Extra::Bind => step(&mut env.third_fd),
+            Extra::Udp => {
+                step(&mut env.third_fd);
+                step(&mut env.udp);
+            }
+        }
     }
 }
 
@@ -455,9 +519,19 @@ mod tests {
             limits: Limits::new(None, None),
             warnings: Warnings::default(),
             bind: BindSettings { enabled: true, ports: None, external: Vec::new(), cursor: 0 },
+            udp_cfg: UdpSettings {
+                enabled: true,
+                bind_addr: None,
+                ports: None,
+                client_match: UdpMatch::Ip,
+                max: None,
+                cursor: 0,
+                scratch: None,
+            },
             open: 0,
             max_conns: 10,
-            binding: 0,
+            third_fd: 0,
+            udp: 0,
         }
     }
 

@@ -17,6 +17,7 @@
 
 use super::{Carry, Client, Close, Ctx, Flow, Ready, Recycle, State, linger};
 use crate::buf::{Buf, Io, Pool, read, write};
+use crate::timer::Kind;
 use mio::net::TcpStream;
 use std::net::Shutdown;
 
@@ -226,7 +227,7 @@ impl Relay {
             }
         };
         if moved {
-            ctx.env.timers.touch(ctx.key, ctx.now);
+            ctx.env.timers.touch(ctx.key, Kind::Idle, ctx.now);
         }
         end
     }

@@ -12,6 +12,7 @@ mod greeting;
 mod reply;
 mod request;
 mod sniff;
+mod udp;
 
 pub use addr::Addr;
 pub use auth::{AUTH_VERSION, Credentials, encode_auth_reply, parse_auth};
@@ -20,6 +21,9 @@ pub use greeting::{Greeting, encode_method, parse_greeting};
 pub use reply::{MAX_REPLY_LEN, ReplyFrame, encode_reply, parse_reply};
 pub use request::{Request, parse_request};
 pub use sniff::{HTTP_400, Sniff, sniff};
+pub use udp::{
+    MAX_UDP_HEADER_LEN, MAX_UDP_IP_HEADER_LEN, UdpHeader, encode_udp_header, parse_udp_header, udp_header_len,
+};
 
 /// The outcome of parsing a prefix of the input.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,6 +59,8 @@ pub enum ProtoError {
     EmptyDomain,
     /// A username/password message whose version byte is not 1.
     BadAuthVersion(u8),
+    /// A UDP datagram too short for its header.
+    Truncated,
 }
 
 impl ProtoError {
@@ -68,6 +74,8 @@ impl ProtoError {
             ProtoError::BadAddrType(_) => Some(Reply::AddrTypeNotSupported),
             // A malformed request: RFC 1928 has no finer code than 0x01.
             ProtoError::EmptyDomain => Some(Reply::GeneralFailure),
+            // Only datagrams are cut short; they get no reply at all.
+            ProtoError::Truncated => None,
         }
     }
 }
@@ -81,6 +89,7 @@ impl std::fmt::Display for ProtoError {
             ProtoError::BadAddrType(a) => write!(f, "unknown address type {a:#04x}"),
             ProtoError::EmptyDomain => f.write_str("empty domain name"),
             ProtoError::BadAuthVersion(v) => write!(f, "username/password version {v} is not 1"),
+            ProtoError::Truncated => f.write_str("datagram shorter than its header"),
         }
     }
 }

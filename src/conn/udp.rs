@@ -1,0 +1,359 @@
+//! UDP ASSOCIATE (RFC 1928 §7): datagrams between the client and remotes,
+//! each with the SOCKS UDP header on the client's side.
+//!
+//! An association has two UDP sockets: `near` faces the client (bound to the
+//! address the control connection arrived on, or `--udp-bind-addr`; its
+//! address is the reply's BND), `far` faces the remotes. A datagram's socket
+//! says which side it came from, so a client and a remote that share an IP
+//! address (always so on loopback, often behind one NAT) are never
+//! confused, and a remote cannot pose as the client by sending to `near`
+//! from the client's address. (One socket for both would have to tell them
+//! apart by source address alone.)
+//!
+//! The association lives while its TCP control connection is open and
+//! datagrams flow; it ends when the control connection closes or after
+//! `--udp-idle-timeout` without datagrams. Datagrams pass through one loop-wide
+//! scratch buffer; only a datagram waiting for its destination's name holds
+//! a buffer of the association's own.
+
+use super::bind::in_range;
+use super::{Carry, Client, Close, Ctx, Flow, Ready, Recycle, State, fail, send};
+use crate::buf::{Buf, Pool};
+use crate::proto::{
+    Addr, MAX_REPLY_LEN, MAX_UDP_IP_HEADER_LEN, Reply, encode_reply, encode_udp_header, parse_udp_header,
+    udp_header_len,
+};
+use crate::resolver::{Job, Purpose};
+use crate::rules::canonical;
+use crate::timer::Kind;
+use crate::token::Role;
+use crate::warn::Warn;
+use mio::Interest;
+use mio::net::UdpSocket;
+use std::io::{self, Read};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
+use std::time::{Duration, Instant};
+
+/// Which client datagrams an association takes (`--udp-client-match`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UdpMatch {
+    /// From the control connection's client IP; the first valid datagram
+    /// pins the port.
+    #[default]
+    Ip,
+    /// As `Ip`, but a non-zero DST.PORT in the request pins the port at once.
+    IpPort,
+    /// From anywhere; the first valid datagram pins address and port.
+    None,
+}
+
+/// What UDP ASSOCIATE needs from the configuration.
+pub(crate) struct UdpSettings {
+    pub enabled: bool,
+    pub bind_addr: Option<IpAddr>,
+    pub ports: Option<(u16, u16)>,
+    pub client_match: UdpMatch,
+    pub max: Option<usize>,
+    pub cursor: u32,
+    /// One datagram at a time, shared by every association: the largest
+    /// UDP payload behind the longest header we write.
+    pub scratch: Option<Buf>,
+}
+
+/// Datagrams handled per turn before the session yields.
+const BUDGET: u32 = 64;
+/// Names an association remembers.
+const CACHE: usize = 4;
+/// How long a remembered name's address is used.
+const CACHE_TTL: Duration = Duration::from_secs(60);
+/// The scratch buffer: the largest datagram and room to put our header in
+/// front of the largest payload a remote can send.
+const SCRATCH: usize = MAX_UDP_IP_HEADER_LEN + 65_536;
+
+pub(crate) struct Associated {
+    near: UdpSocket,
+    far: UdpSocket,
+    /// `far` is an IPv6 socket (dual-stack): IPv4 remotes go as mapped.
+    far_v6: bool,
+    /// The control connection's client address, canonical.
+    client_ip: IpAddr,
+    /// Where client datagrams come from and replies go, once known.
+    pinned: Option<SocketAddr>,
+    /// A datagram waiting for its destination's name: the buffer, where the
+    /// data is in it, the name and the port.
+    pending: Option<Pending>,
+    cache: [Option<Cached>; CACHE],
+}
+
+struct Pending {
+    buf: Buf,
+    data: (u32, u32),
+    name: Box<str>,
+    port: u16,
+}
+
+struct Cached {
+    name: Box<str>,
+    ip: IpAddr,
+    until: Instant,
+}
+
+impl Recycle for Box<Associated> {
+    fn recycle(self, pool: &mut Pool) {
+        if let Some(p) = self.pending {
+            pool.put(p.buf);
+        }
+    }
+}
+
+/// Sets up an association for a client whose request carried DST.PORT
+/// `dst_port`, and replies with the address it should send to.
+pub(crate) fn start(dst_port: u16, carry: Carry, client: &mut Client, ctx: &mut Ctx<'_>) -> (State, Flow) {
+    let env = &mut *ctx.env;
+    if env.udp_cfg.max.is_some_and(|max| env.udp >= max) {
+        env.warnings.warn(Warn::Udp, ctx.now, format_args!("UDP association limit reached: a request refused"));
+        return fail(carry, Reply::GeneralFailure, client, ctx);
+    }
+    if !env.third_fd_free() {
+        log::debug!("#{} UDP ASSOCIATE refused: no descriptor left", ctx.id);
+        return fail(carry, Reply::GeneralFailure, client, ctx);
+    }
+    let (Ok(local), Ok(peer)) = (client.stream.local_addr(), client.stream.peer_addr()) else {
+        return fail(carry, Reply::GeneralFailure, client, ctx);
+    };
+    let local_ip = canonical(local.ip());
+    let near_ip = env.udp_cfg.bind_addr.unwrap_or(local_ip);
+    let sockets = open_near(near_ip, &mut env.udp_cfg).and_then(|near| Ok((near, open_far()?)));
+    let ((mut near, near_addr), (mut far, far_v6)) = match sockets {
+        Ok(s) => s,
+        Err(e) => {
+            log::debug!("#{} UDP sockets on {near_ip}: {e}", ctx.id);
+            return fail(carry, Reply::GeneralFailure, client, ctx);
+        }
+    };
+    let registered = ctx.register(&mut near, Role::Udp, Interest::READABLE).is_ok()
+        && ctx.register(&mut far, Role::UdpRemote, Interest::READABLE).is_ok();
+    if !registered {
+        return fail(carry, Reply::GeneralFailure, client, ctx);
+    }
+    // Never advertise an unspecified address: clients would send there.
+    let shown = match near_addr.ip() {
+        ip if ip.is_unspecified() => local_ip,
+        ip => ip,
+    };
+    let advertised = ctx.env.bind.external(shown.is_ipv6()).unwrap_or(shown);
+    let client_ip = canonical(peer.ip());
+    let pinned = match ctx.env.udp_cfg.client_match {
+        UdpMatch::IpPort if dst_port != 0 => Some(SocketAddr::new(client_ip, dst_port)),
+        _ => None,
+    };
+    // Whatever came after the request on the control connection means
+    // nothing to UDP ASSOCIATE.
+    carry.recycle(&mut ctx.env.pool);
+    let assoc = Box::new(Associated { near, far, far_v6, client_ip, pinned, pending: None, cache: Default::default() });
+    let mut frame = [0u8; MAX_REPLY_LEN];
+    let n = encode_reply(Reply::Succeeded, &Addr::from(advertised), near_addr.port(), &mut frame);
+    if !send(&mut client.stream, &frame[..n]) {
+        return (State::Associated(assoc), Flow::Close(Close::ClientGone));
+    }
+    log::debug!("#{} UDP association on {near_addr} (advertised {advertised}:{})", ctx.id, near_addr.port());
+    client.ready.reset_upstream();
+    client.ready.clear(Ready::REMOTE_R);
+    ctx.arm(Kind::UdpIdle);
+    (State::Associated(assoc), Flow::Continue)
+}
+
+fn open_near(ip: IpAddr, cfg: &mut UdpSettings) -> io::Result<(UdpSocket, SocketAddr)> {
+    let near = in_range(cfg.ports, &mut cfg.cursor, |port| UdpSocket::bind(SocketAddr::new(ip, port)))?;
+    let addr = near.local_addr()?;
+    Ok((near, addr))
+}
+
+/// The socket facing remotes: dual-stack IPv6 where the system has IPv6,
+/// else IPv4 only.
+fn open_far() -> io::Result<(UdpSocket, bool)> {
+    use socket2::{Domain, Socket, Type};
+    let dual = Socket::new(Domain::IPV6, Type::DGRAM, None).and_then(|s| {
+        s.set_only_v6(false)?;
+        s.set_nonblocking(true)?;
+        s.bind(&SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)).into())?;
+        Ok(s)
+    });
+    match dual {
+        Ok(s) => Ok((UdpSocket::from_std(s.into()), true)),
+        Err(_) => Ok((UdpSocket::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)))?, false)),
+    }
+}
+
+impl Associated {
+    pub(crate) fn step(mut self: Box<Self>, client: &mut Client, ctx: &mut Ctx<'_>) -> (State, Flow) {
+        if let Some(why) = watch_control(client) {
+            return (State::Associated(self), Flow::Close(why));
+        }
+        let mut scratch = ctx.env.udp_cfg.scratch.take().unwrap_or_else(|| vec![0; SCRATCH].into_boxed_slice());
+        let mut budget = BUDGET;
+        let mut moved = false;
+        while budget > 0 && client.ready.has(Ready::UP_R) {
+            match self.near.recv_from(&mut scratch) {
+                Ok((n, from)) => {
+                    self.client_datagram(&mut scratch[..n], from, ctx);
+                    moved = true;
+                    budget -= 1;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => client.ready.clear(Ready::UP_R),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // ICMP errors from earlier sends surface here; they concern
+                // one datagram only.
+                Err(e) => log::debug!("#{} UDP from client: {e}", ctx.id),
+            }
+        }
+        while budget > 0 && client.ready.has(Ready::REMOTE_R) {
+            match self.far.recv_from(&mut scratch[MAX_UDP_IP_HEADER_LEN..]) {
+                Ok((n, from)) => {
+                    self.remote_datagram(&mut scratch[..MAX_UDP_IP_HEADER_LEN + n], from, ctx);
+                    moved = true;
+                    budget -= 1;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => client.ready.clear(Ready::REMOTE_R),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => log::debug!("#{} UDP from remote: {e}", ctx.id),
+            }
+        }
+        ctx.env.udp_cfg.scratch = Some(scratch);
+        if moved {
+            ctx.env.timers.touch(ctx.key, Kind::UdpIdle, ctx.now);
+        }
+        let flow = if budget == 0 { Flow::Again } else { Flow::Wait };
+        (State::Associated(self), flow)
+    }
+
+    /// Whether a datagram from `from` is the client's, under the policy.
+    fn is_client(&self, from: SocketAddr, policy: UdpMatch) -> bool {
+        let from = SocketAddr::new(canonical(from.ip()), from.port());
+        match (self.pinned, policy) {
+            (Some(pinned), _) => pinned == from,
+            (None, UdpMatch::None) => true,
+            (None, UdpMatch::Ip | UdpMatch::IpPort) => from.ip() == self.client_ip,
+        }
+    }
+
+    /// A client datagram: header off, data to its destination.
+    fn client_datagram(&mut self, datagram: &mut [u8], from: SocketAddr, ctx: &mut Ctx<'_>) {
+        if !self.is_client(from, ctx.env.udp_cfg.client_match) {
+            log::trace!("#{} UDP: dropped a datagram from {from}, not the client", ctx.id);
+            return;
+        }
+        let Ok((header, at)) = parse_udp_header(datagram) else {
+            log::trace!("#{} UDP: dropped a malformed datagram", ctx.id);
+            return;
+        };
+        // The first valid datagram pins the client's address.
+        self.pinned.get_or_insert(SocketAddr::new(canonical(from.ip()), from.port()));
+        if header.frag != 0 {
+            log::trace!("#{} UDP: dropped a fragment", ctx.id);
+            return;
+        }
+        let port = header.port;
+        let ip = match (header.addr.ip(), header.addr) {
+            (Some(ip), _) => ip,
+            (None, Addr::Domain(name)) => {
+                let Ok(name) = std::str::from_utf8(name) else { return };
+                match self.cached(name, ctx.now) {
+                    Some(ip) => ip,
+                    None => return self.resolve(name, port, &datagram[at..], ctx),
+                }
+            }
+            (None, _) => return,
+        };
+        self.send_far(&datagram[at..], SocketAddr::new(ip, port), ctx);
+    }
+
+    /// Sends `data` to `to`, if the rules allow it.
+    fn send_far(&self, data: &[u8], to: SocketAddr, ctx: &Ctx<'_>) {
+        let to = SocketAddr::new(canonical(to.ip()), to.port());
+        if !ctx.env.rules.dest_allowed(to) {
+            log::trace!("#{} UDP: {to} denied by rule", ctx.id);
+            return;
+        }
+        let to = match (to, self.far_v6) {
+            (SocketAddr::V4(a), true) => SocketAddr::V6(SocketAddrV6::new(a.ip().to_ipv6_mapped(), a.port(), 0, 0)),
+            (SocketAddr::V6(_), false) => return,
+            (to, _) => to,
+        };
+        // A full send buffer drops the datagram, as the network may.
+        if let Err(e) = self.far.send_to(data, to) {
+            log::trace!("#{} UDP to {to}: {e}", ctx.id);
+        }
+    }
+
+    /// A remote's datagram (its data at `datagram[MAX_UDP_IP_HEADER_LEN..]`):
+    /// our header goes right in front of it, and the whole to the client.
+    fn remote_datagram(&self, datagram: &mut [u8], from: SocketAddr, ctx: &Ctx<'_>) {
+        let from = SocketAddr::new(canonical(from.ip()), from.port());
+        let Some(client) = self.pinned else { return };
+        if !ctx.env.rules.dest_allowed(from) {
+            log::trace!("#{} UDP: dropped a datagram from {from}, denied by rule", ctx.id);
+            return;
+        }
+        let start = MAX_UDP_IP_HEADER_LEN - udp_header_len(from);
+        encode_udp_header(from, &mut datagram[start..MAX_UDP_IP_HEADER_LEN]);
+        if let Err(e) = self.near.send_to(&datagram[start..], client) {
+            log::trace!("#{} UDP to client {client}: {e}", ctx.id);
+        }
+    }
+
+    fn cached(&self, name: &str, now: Instant) -> Option<IpAddr> {
+        self.cache.iter().flatten().find(|c| &*c.name == name && now < c.until).map(|c| c.ip)
+    }
+
+    /// Holds the datagram and asks the resolver; with one already waiting
+    /// (or no resolver, or a full queue) the datagram is dropped.
+    fn resolve(&mut self, name: &str, port: u16, data: &[u8], ctx: &mut Ctx<'_>) {
+        let Some(resolver) = &ctx.env.resolver else { return };
+        if self.pending.is_some() || data.len() > ctx.env.pool.udp_size() {
+            log::trace!("#{} UDP: dropped a datagram for {name:?}: a look-up is under way", ctx.id);
+            return;
+        }
+        let job = Job { key: ctx.key, id: ctx.id, purpose: Purpose::Udp, host: name.to_owned(), port };
+        if resolver.submit(job).is_err() {
+            ctx.env.warnings.warn(Warn::Resolver, ctx.now, format_args!("resolver queue full: a request refused"));
+            return;
+        }
+        let mut buf = ctx.env.pool.udp();
+        buf[..data.len()].copy_from_slice(data);
+        self.pending = Some(Pending { buf, data: (0, data.len() as u32), name: name.into(), port });
+    }
+
+    /// The resolver's answer for the waiting datagram: send it, remember the
+    /// name.
+    pub(crate) fn resolved(&mut self, addrs: io::Result<Vec<SocketAddr>>, ctx: &mut Ctx<'_>) {
+        let Some(p) = self.pending.take() else { return };
+        match addrs.ok().and_then(|a| a.first().copied()) {
+            Some(addr) => {
+                // An empty or expired entry, else the one that expires first.
+                let until = |c: &Option<Cached>| c.as_ref().map_or(Instant::now() - CACHE_TTL, |c| c.until);
+                let slot = (0..CACHE).min_by_key(|&i| until(&self.cache[i])).unwrap_or(0);
+                self.cache[slot] = Some(Cached { name: p.name, ip: addr.ip(), until: ctx.now + CACHE_TTL });
+                self.send_far(&p.buf[p.data.0 as usize..p.data.1 as usize], SocketAddr::new(addr.ip(), p.port), ctx);
+            }
+            None => log::trace!("#{} UDP: {:?} did not resolve; datagram dropped", ctx.id, p.name),
+        }
+        ctx.env.pool.put(p.buf);
+    }
+}
+
+/// The control connection carries nothing after the reply; what comes is
+/// read and dropped, and its end ends the association.
+fn watch_control(client: &mut Client) -> Option<Close> {
+    let mut sink = [0u8; 512];
+    while client.ready.has(Ready::CLIENT_R) {
+        match client.stream.read(&mut sink) {
+            Ok(0) => return Some(Close::ControlClosed),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => client.ready.clear(Ready::CLIENT_R),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return Some(Close::ControlClosed),
+        }
+    }
+    None
+}
