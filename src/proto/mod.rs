@@ -192,6 +192,21 @@ mod tests {
                 buf[1] %= 8; // a short user name, so the password length is in reach
             }
             let _ = sniff(&buf);
+            // The UDP header: a datagram is whole, so there is no Partial;
+            // it never panics, never claims more than given, and what it
+            // accepts encodes back the same (for IP addresses).
+            let mut datagram = buf.clone();
+            if datagram.len() > 3 {
+                datagram[3] = [1, 3, 4, 9][(next() % 4) as usize];
+            }
+            if let Ok((h, n)) = parse_udp_header(&datagram) {
+                assert!(n <= datagram.len());
+                if let (Addr::V4(_) | Addr::V6(_), Some(ip)) = (h.addr, h.addr.ip()) {
+                    let mut out = [0u8; MAX_UDP_IP_HEADER_LEN];
+                    let m = encode_udp_header(std::net::SocketAddr::new(ip, h.port), &mut out);
+                    assert_eq!((&out[3..m], m), (&datagram[3..n], n));
+                }
+            }
             for (name, parse) in parsers {
                 match parse(&buf) {
                     Ok(Status::Complete(_, n)) => {
