@@ -22,7 +22,12 @@ pub(crate) struct Pool {
     relay: FreeList,
     handshake: FreeList,
     udp: FreeList,
+    http: FreeList,
 }
+
+/// Size of the buffer an HTTP CONNECT head may grow into: real clients send
+/// a few hundred bytes to a few KiB; beyond this, 431.
+pub(crate) const HTTP_BUF: usize = 8 * 1024;
 
 /// Size of the buffer a UDP datagram waits in while its destination's name
 /// is resolved: the largest UDP payload.
@@ -53,7 +58,13 @@ impl FreeList {
 
 impl Pool {
     pub(crate) fn new(size: usize) -> Pool {
-        Pool { size, relay: FreeList::default(), handshake: FreeList::default(), udp: FreeList::default() }
+        Pool {
+            size,
+            relay: FreeList::default(),
+            handshake: FreeList::default(),
+            udp: FreeList::default(),
+            http: FreeList::default(),
+        }
     }
 
     pub(crate) fn relay(&mut self) -> Buf {
@@ -68,6 +79,10 @@ impl Pool {
         self.udp.take(UDP_BUF)
     }
 
+    pub(crate) fn http(&mut self) -> Buf {
+        self.http.take(HTTP_BUF)
+    }
+
     pub(crate) fn udp_size(&self) -> usize {
         UDP_BUF
     }
@@ -75,7 +90,7 @@ impl Pool {
     /// Frees the buffers that stayed in the pool since the last call;
     /// returns how many. Called every [`TRIM_PERIOD`].
     pub(crate) fn trim(&mut self) -> usize {
-        let freed = self.relay.trim() + self.handshake.trim() + self.udp.trim();
+        let freed = self.relay.trim() + self.handshake.trim() + self.udp.trim() + self.http.trim();
         if freed > 0 {
             release_to_os();
         }
@@ -89,6 +104,8 @@ impl Pool {
             self.relay.bufs.push(buf);
         } else if buf.len() == UDP_BUF {
             self.udp.bufs.push(buf);
+        } else if buf.len() == HTTP_BUF {
+            self.http.bufs.push(buf);
         } else {
             self.handshake.bufs.push(buf);
         }

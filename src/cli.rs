@@ -77,6 +77,12 @@ pub struct Cli {
     /// Address to advertise in BIND and UDP replies when behind NAT (repeatable: one IPv4, one IPv6).
     #[arg(long = "external-addr", value_name = "ADDR")]
     pub external_addrs: Vec<std::net::IpAddr>,
+    /// Do not serve SOCKS4/4a (a first byte of 0x04 gets a close).
+    #[arg(long)]
+    pub disable_socks4: bool,
+    /// Do not serve HTTP CONNECT (an HTTP request gets a 400 hint).
+    #[arg(long)]
+    pub disable_http: bool,
     /// Answer UDP ASSOCIATE with 0x07 (command not supported).
     #[arg(long)]
     pub disable_udp: bool,
@@ -124,6 +130,8 @@ impl Cli {
             bind_timeout: self.bind_timeout,
             bind_ports: self.bind_port_range,
             external_addrs: self.external_addrs.clone(),
+            socks4: !self.disable_socks4,
+            http: !self.disable_http,
             udp: !self.disable_udp,
             udp_bind_addr: self.udp_bind_addr,
             udp_ports: self.udp_port_range,

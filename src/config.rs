@@ -62,6 +62,12 @@ pub struct Config {
     pub external_addrs: Vec<IpAddr>,
     /// Sessions allowed at once for one user (needs `users`).
     pub max_connections_per_user: Option<u32>,
+    /// Serve SOCKS4 and SOCKS4a on the same port (first byte 0x04);
+    /// `false`: such clients are closed unanswered.
+    pub socks4: bool,
+    /// Serve HTTP CONNECT on the same port (first byte a letter); `false`:
+    /// an HTTP request gets a 400 with a hint.
+    pub http: bool,
     /// Answer UDP ASSOCIATE (RFC 1928 §7); `false`: REP 0x07.
     pub udp: bool,
     /// The address UDP relay sockets facing the client bind to. `None`:
@@ -99,6 +105,8 @@ impl Default for Config {
             bind_timeout: Duration::from_secs(60),
             bind_ports: None,
             external_addrs: Vec::new(),
+            socks4: true,
+            http: true,
             udp: true,
             udp_bind_addr: None,
             udp_ports: None,

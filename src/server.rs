@@ -4,7 +4,7 @@
 use crate::accept::{Accept, Accepted};
 use crate::buf::{Pool, TRIM_PERIOD};
 use crate::config::Config;
-use crate::conn::{BindSettings, Conn, Ctx, Env, Ready, Step, UdpSettings};
+use crate::conn::{BindSettings, Conn, Ctx, Dialects, Env, Ready, Step, UdpSettings};
 use crate::limits::Limits;
 use crate::resolver::Purpose;
 use crate::resolver::{Answer, Resolver};
@@ -201,6 +201,7 @@ impl Server {
             rules: c.rules.clone(),
             limits: Limits::new(c.max_connections_per_client, c.max_connections_per_user),
             warnings: Warnings::default(),
+            dialects: Dialects { socks4: c.socks4, http: c.http },
             bind: BindSettings { enabled: c.bind, ports: c.bind_ports, external: c.external_addrs.clone(), cursor: 0 },
             udp_cfg: UdpSettings {
                 enabled: c.udp,

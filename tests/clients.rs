@@ -80,3 +80,68 @@ fn curl_proxy_user_succeeds_and_fails() {
     let (ok, _) = curl(&["--socks5-hostname", &p, &url]);
     assert!(!ok, "no credentials, no service");
 }
+
+#[test]
+fn curl_socks4_and_socks4a() {
+    let proxy = Proxy::start();
+    let http = http_server("over socks4\n");
+    let p = proxy.addr.to_string();
+    let (ok, body) = curl(&["--socks4", &p, &format!("http://{http}/")]);
+    assert!(ok);
+    assert_eq!(body, "over socks4\n");
+    let (ok, body) = curl(&["--socks4a", &p, &format!("http://localhost:{}/", http.port())]);
+    assert!(ok, "curl --socks4a: the proxy resolves the name");
+    assert_eq!(body, "over socks4\n");
+}
+
+/// An HTTP proxy client tunnelling through CONNECT (`-p`), with the users
+/// file's credentials; without them, 407.
+#[test]
+fn curl_http_connect_with_and_without_credentials() {
+    let proxy = Proxy::with(|c| c.users = Some(slabsocks::users::Users::from_pairs([("ann", "pw")])));
+    let http = http_server("through CONNECT\n");
+    let url = format!("http://{http}/");
+    let (ok, body) = curl(&["-p", "--proxy", &format!("http://ann:pw@{}", proxy.addr), &url]);
+    assert!(ok);
+    assert_eq!(body, "through CONNECT\n");
+    let (ok, _) = curl(&["-p", "--proxy", &format!("http://ann:nope@{}", proxy.addr), &url]);
+    assert!(!ok, "wrong credentials: 407");
+    let (ok, _) = curl(&["-p", "--proxy", &format!("http://{}", proxy.addr), &url]);
+    assert!(!ok, "no credentials: 407");
+}
+
+/// PySocks in SOCKS4 mode with remote DNS (SOCKS4a). Skipped without
+/// PySocks unless `SLABSOCKS_REQUIRE_PYSOCKS` is set (as in CI).
+#[test]
+fn pysocks_socks4a_with_remote_dns() {
+    let have = Command::new("python3").args(["-c", "import socks"]).output().is_ok_and(|o| o.status.success());
+    if !have {
+        assert!(std::env::var_os("SLABSOCKS_REQUIRE_PYSOCKS").is_none(), "PySocks is required here");
+        eprintln!("pysocks_socks4a: python3 with PySocks missing (pip install PySocks): skipping");
+        return;
+    }
+    let proxy = Proxy::start();
+    let http = http_server("pysocks4a\n");
+    let script = r#"
+import socks, sys
+s = socks.socksocket()
+s.set_proxy(socks.SOCKS4, sys.argv[1], int(sys.argv[2]), rdns=True)
+s.settimeout(10)
+s.connect(("localhost", int(sys.argv[3])))
+s.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+data = b""
+while True:
+    chunk = s.recv(4096)
+    if not chunk:
+        break
+    data += chunk
+sys.stdout.write(data.decode())
+"#;
+    let out = Command::new("python3")
+        .args(["-c", script, &proxy.addr.ip().to_string(), &proxy.addr.port().to_string(), &http.port().to_string()])
+        .output()
+        .expect("python3");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.ends_with("pysocks4a\n"), "{text}");
+}

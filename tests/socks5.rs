@@ -183,9 +183,10 @@ fn wrong_request_version_closes_without_reply() {
     assert!(closed(&mut s));
 }
 
+/// With HTTP CONNECT turned off, an HTTP request gets a hint.
 #[test]
-fn http_on_the_socks_port_gets_400() {
-    let proxy = Proxy::start();
+fn http_on_the_socks_port_gets_400_when_http_is_off() {
+    let proxy = Proxy::with(|c| c.http = false);
     for req in [&b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..], b"CONNECT example.com:443 HTTP/1.1\r\n\r\n"] {
         let mut s = connect(proxy.addr);
         s.write_all(req).unwrap();

@@ -9,9 +9,9 @@
 //! session relays exactly as a CONNECT does, the peer in the upstream's
 //! place.
 
-use super::{Carry, Client, Close, Ctx, Flow, Ready, Recycle, State, fail, send};
+use super::{Carry, Client, Close, Ctx, Flow, Outcome, Ready, Recycle, State, answer, fail};
 use crate::buf::{Io, Pool, read};
-use crate::proto::{Addr, MAX_REPLY_LEN, Reply, encode_reply};
+use crate::proto::Reply;
 use crate::rules::canonical;
 use crate::timer::Kind;
 use crate::token::Role;
@@ -100,9 +100,7 @@ pub(crate) fn start(dst: SocketAddr, carry: Carry, client: &mut Client, ctx: &mu
     let binding = Binding { listener, expect, carry, wrong: 0 };
     // RFC 1928 §6: the first reply's BND.ADDR/BND.PORT are where the server
     // listens for the peer.
-    let mut frame = [0u8; MAX_REPLY_LEN];
-    let n = encode_reply(Reply::Succeeded, &Addr::from(advertised), port, &mut frame);
-    if !send(&mut client.stream, &frame[..n]) {
+    if !answer(client, Outcome::Granted(SocketAddr::new(advertised, port))) {
         return (State::Binding(binding), Flow::Close(Close::ClientGone));
     }
     log::debug!("#{} BIND listening on {local}:{port} (advertised {advertised}) for {dst}", ctx.id);
@@ -258,10 +256,8 @@ impl Binding {
             return fail(carry, Reply::GeneralFailure, client, ctx);
         }
         // RFC 1928 §6: the second reply's BND.ADDR/BND.PORT are the peer's.
-        let mut frame = [0u8; MAX_REPLY_LEN];
-        let n = encode_reply(Reply::Succeeded, &Addr::from(canonical(addr.ip())), addr.port(), &mut frame);
         let relay = super::Relay::new(peer, carry);
-        if !send(&mut client.stream, &frame[..n]) {
+        if !answer(client, Outcome::Granted(SocketAddr::new(canonical(addr.ip()), addr.port()))) {
             return (State::Relaying(relay), Flow::Close(Close::ClientGone));
         }
         log::debug!("#{} BIND: peer {addr} connected", ctx.id);

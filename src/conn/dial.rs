@@ -5,9 +5,9 @@
 //! addresses are tried one at a time, in the order they came, until one
 //! connects or the connect deadline passes.
 
-use super::{Carry, Client, Close, Ctx, Flow, Ready, Recycle, State, fail, send};
+use super::{Carry, Client, Close, Ctx, Flow, Outcome, Ready, Recycle, State, answer, fail};
 use crate::buf::Pool;
-use crate::proto::{Addr, Command, MAX_REPLY_LEN, Reply, encode_reply};
+use crate::proto::{Command, Reply};
 use crate::resolver::{Job, Purpose};
 use crate::timer::Kind;
 use crate::token::Role;
@@ -250,10 +250,8 @@ fn connected(up: TcpStream, carry: Carry, client: &mut Client, ctx: &mut Ctx<'_>
     let Ok(bnd) = up.local_addr() else {
         return fail(carry, Reply::GeneralFailure, client, ctx);
     };
-    let mut frame = [0u8; MAX_REPLY_LEN];
-    let n = encode_reply(Reply::Succeeded, &Addr::from(bnd.ip()), bnd.port(), &mut frame);
     let relay = super::Relay::new(up, carry);
-    if !send(&mut client.stream, &frame[..n]) {
+    if !answer(client, Outcome::Granted(bnd)) {
         return (State::Relaying(relay), Flow::Close(Close::ClientGone));
     }
     log::debug!("#{} connected from {bnd}", ctx.id);

@@ -1,24 +1,40 @@
-//! Greeting, authentication and request: read into the session's handshake
-//! buffer until the codec has a whole message, answer it, and hand the rest
-//! on. Each phase runs as soon as its bytes are there, so a client may send
-//! all three in one write, or one byte at a time. The handshake ends by
-//! handing a [`Request`] (command, target, pipelined bytes) to the dial step.
+//! The handshake, in whichever dialect the client speaks: read into the
+//! session's handshake buffer until the codec has a whole message, answer
+//! it, and hand the rest on. The first byte picks the dialect (0x05 SOCKS5,
+//! 0x04 SOCKS4/4a, an ASCII letter HTTP CONNECT); each dialect's codec ends
+//! in the same [`Request`] (command, target, pipelined bytes) for the dial
+//! step. Each phase runs as soon as its bytes are there, so a client may
+//! send everything in one write, or one byte at a time.
 
 use super::dial::{Request, Target};
-use super::{Carry, Client, Close, Ctx, Flow, Peer, Ready, Recycle, State, fail, linger, send};
-use crate::buf::{Buf, Io, Pool, read};
+use super::{Carry, Client, Close, Ctx, Dialect, Flow, Peer, Ready, Recycle, State, fail, linger, send};
+use crate::buf::{Buf, HANDSHAKE_BUF, Io, Pool, read};
 use crate::proto::{
-    Addr, Command, Credentials, HTTP_400, Method, Reply, Sniff, Status, encode_auth_reply, encode_method, parse_auth,
-    parse_greeting, parse_request, sniff,
+    Addr, Command, Credentials, HTTP_400, Method, Reply, Sniff, Status, basic_credentials, encode_auth_reply,
+    encode_method, http_response, parse_auth, parse_connect, parse_greeting, parse_request, parse_socks4, sniff,
 };
 use crate::warn::Warn;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 enum Phase {
+    /// The first byte picks the dialect.
+    Sniff,
+    /// SOCKS5 method negotiation.
     Greeting,
     /// RFC 1929 sub-negotiation.
     Auth,
+    /// The SOCKS5 request.
     Request,
+    /// The SOCKS4/4a request.
+    Socks4,
+    /// The HTTP CONNECT request head.
+    Http,
+}
+
+/// Which dialects besides SOCKS5 are served.
+pub(crate) struct Dialects {
+    pub socks4: bool,
+    pub http: bool,
 }
 
 pub(crate) struct Handshake {
@@ -51,7 +67,7 @@ enum Next {
     Done(Command, Target, usize),
     /// Close without an answer.
     Close(Close),
-    /// Send failure reply `Reply`, then close.
+    /// Answer failure `Reply` in the session's dialect, then close.
     Fail(Reply),
     /// An answer that ends the session was sent: linger, then close.
     Answered(Close),
@@ -59,16 +75,19 @@ enum Next {
 
 impl Handshake {
     pub(crate) fn new(buf: Buf) -> Handshake {
-        Handshake { buf, len: 0, phase: Phase::Greeting }
+        Handshake { buf, len: 0, phase: Phase::Sniff }
     }
 
     pub(crate) fn step(mut self, client: &mut Client, ctx: &mut Ctx<'_>) -> Progress {
         loop {
             let data = &self.buf[..self.len];
             let next = match self.phase {
+                Phase::Sniff => dialect(data, client, ctx),
                 Phase::Greeting => greeting(data, client, ctx),
                 Phase::Auth => auth(data, client, ctx),
                 Phase::Request => request(data, ctx),
+                Phase::Socks4 => socks4(data, client, ctx),
+                Phase::Http => http(data, client, ctx),
             };
             match next {
                 Next::Read => {}
@@ -93,7 +112,18 @@ impl Handshake {
                 }
             }
             if self.len == self.buf.len() {
-                return Progress::Stay(State::Handshake(self), Flow::Close(Close::HandshakeTooLong));
+                // Only an HTTP head may outgrow the first buffer, once.
+                if matches!(self.phase, Phase::Http) && self.buf.len() == HANDSHAKE_BUF {
+                    let mut big = ctx.env.pool.http();
+                    big[..self.len].copy_from_slice(&self.buf[..self.len]);
+                    ctx.env.pool.put(std::mem::replace(&mut self.buf, big));
+                } else if matches!(self.phase, Phase::Http) {
+                    send(&mut client.stream, http_response(431));
+                    let (state, flow) = linger(self, Close::Http(431), client, ctx);
+                    return Progress::Stay(state, flow);
+                } else {
+                    return Progress::Stay(State::Handshake(self), Flow::Close(Close::HandshakeTooLong));
+                }
             }
             if !client.ready.has(Ready::CLIENT_R) {
                 return Progress::Stay(State::Handshake(self), Flow::Wait);
@@ -119,39 +149,50 @@ impl Handshake {
     }
 }
 
-/// The first bytes pick the protocol; a SOCKS5 greeting picks the method.
-fn greeting(data: &[u8], client: &mut Client, ctx: &mut Ctx<'_>) -> Next {
-    match sniff(data) {
-        Status::Partial => Next::Read,
+/// The first byte picks the dialect; a dialect turned off is closed
+/// without an answer, except HTTP, which gets a hint.
+fn dialect(data: &[u8], client: &mut Client, ctx: &mut Ctx<'_>) -> Next {
+    let on = &ctx.env.dialects;
+    let (phase, dialect) = match sniff(data) {
+        Status::Partial => return Next::Read,
+        Status::Complete(Sniff::Socks5, _) => (Phase::Greeting, Dialect::Socks5),
+        Status::Complete(Sniff::Socks4, _) if on.socks4 => (Phase::Socks4, Dialect::Socks4),
+        Status::Complete(Sniff::Http, _) if on.http => (Phase::Http, Dialect::Http),
         Status::Complete(Sniff::Http, _) => {
             send(&mut client.stream, HTTP_400);
-            Next::Answered(Close::HttpOnSocksPort)
+            return Next::Answered(Close::HttpOnSocksPort);
         }
-        Status::Complete(Sniff::Other, _) => Next::Close(Close::NotSocks),
-        Status::Complete(Sniff::Socks5, _) => match parse_greeting(data) {
-            Ok(Status::Partial) => Next::Read,
-            Err(_) => Next::Close(Close::BadGreeting),
-            Ok(Status::Complete(greeting, n)) => {
-                // With users configured, only a password will do, except for
-                // exempt clients, who may also go without (a client that
-                // offers both logs in, so that its user's limits apply).
-                let preferred: &[Method] = match (ctx.env.users.is_some(), client.exempt) {
-                    (false, _) => &[Method::NoAuth],
-                    (true, false) => &[Method::UserPass],
-                    (true, true) => &[Method::UserPass, Method::NoAuth],
-                };
-                let method = greeting.choose(preferred);
-                let mut out = [0u8; 2];
-                let len = encode_method(method, &mut out);
-                let sent = send(&mut client.stream, &out[..len]);
-                match method {
-                    Method::NoAcceptable => Next::Answered(Close::NoAcceptableMethod),
-                    _ if !sent => Next::Close(Close::ClientGone),
-                    Method::UserPass => Next::Phase(Phase::Auth, n),
-                    _ => Next::Phase(Phase::Request, n),
-                }
+        Status::Complete(Sniff::Socks4 | Sniff::Other, _) => return Next::Close(Close::NotSocks),
+    };
+    client.dialect = dialect;
+    Next::Phase(phase, 0)
+}
+
+/// A SOCKS5 greeting picks the method.
+fn greeting(data: &[u8], client: &mut Client, ctx: &mut Ctx<'_>) -> Next {
+    match parse_greeting(data) {
+        Ok(Status::Partial) => Next::Read,
+        Err(_) => Next::Close(Close::BadGreeting),
+        Ok(Status::Complete(greeting, n)) => {
+            // With users configured, only a password will do, except for
+            // exempt clients, who may also go without (a client that
+            // offers both logs in, so that its user's limits apply).
+            let preferred: &[Method] = match (ctx.env.users.is_some(), client.exempt) {
+                (false, _) => &[Method::NoAuth],
+                (true, false) => &[Method::UserPass],
+                (true, true) => &[Method::UserPass, Method::NoAuth],
+            };
+            let method = greeting.choose(preferred);
+            let mut out = [0u8; 2];
+            let len = encode_method(method, &mut out);
+            let sent = send(&mut client.stream, &out[..len]);
+            match method {
+                Method::NoAcceptable => Next::Answered(Close::NoAcceptableMethod),
+                _ if !sent => Next::Close(Close::ClientGone),
+                Method::UserPass => Next::Phase(Phase::Auth, n),
+                _ => Next::Phase(Phase::Request, n),
             }
-        },
+        }
     }
 }
 
@@ -163,6 +204,21 @@ fn auth(data: &[u8], client: &mut Client, ctx: &mut Ctx<'_>) -> Next {
         Ok(Status::Complete(creds, n)) => (creds, n),
     };
     let Credentials { user, password } = creds;
+    let verdict = login(user, password, client, ctx);
+    let mut out = [0u8; 2];
+    let len = encode_auth_reply(verdict.is_ok(), &mut out);
+    let sent = send(&mut client.stream, &out[..len]);
+    match verdict {
+        Ok(()) if sent => Next::Phase(Phase::Request, n),
+        Ok(()) => Next::Close(Close::ClientGone),
+        Err(why) => Next::Answered(why),
+    }
+}
+
+/// Checks a user's password (in constant time) and counts the session
+/// against the user's limit; a failure is logged, rate-limited. The same
+/// for SOCKS5 and HTTP.
+fn login(user: &[u8], password: &[u8], client: &mut Client, ctx: &mut Ctx<'_>) -> Result<(), Close> {
     let env = &mut *ctx.env;
     let verdict = match &env.users {
         Some(users) if users.verify(user, password) => match env.limits.admit_user(user) {
@@ -174,18 +230,78 @@ fn auth(data: &[u8], client: &mut Client, ctx: &mut Ctx<'_>) -> Next {
         },
         _ => Err(Close::LoginFailed),
     };
-    let mut out = [0u8; 2];
-    let len = encode_auth_reply(verdict.is_ok(), &mut out);
-    let sent = send(&mut client.stream, &out[..len]);
-    match verdict {
-        Ok(()) if sent => Next::Phase(Phase::Request, n),
-        Ok(()) => Next::Close(Close::ClientGone),
-        Err(why) => {
-            let (id, peer, user) = (ctx.id, Peer(&client.stream), user.escape_ascii());
-            env.warnings.warn(Warn::Login, ctx.now, format_args!("#{id} {why}: user \"{user}\" from {peer}"));
-            Next::Answered(why)
+    if let Err(why) = verdict {
+        let (id, peer, user) = (ctx.id, Peer(&client.stream), user.escape_ascii());
+        env.warnings.warn(Warn::Login, ctx.now, format_args!("#{id} {why}: user \"{user}\" from {peer}"));
+    }
+    verdict
+}
+
+/// A host as a target: an IP literal is an address, never a look-up.
+fn target(host: &[u8], port: u16) -> Target {
+    match (Addr::Domain(host).ip(), std::str::from_utf8(host)) {
+        (Some(ip), _) => Target::Ip(SocketAddr::new(ip, port)),
+        (None, Ok(name)) => Target::Name(name.to_owned(), port),
+        (None, Err(_)) => Target::Unresolvable,
+    }
+}
+
+/// SOCKS4 and SOCKS4a. SOCKS4 carries no password, so with logins required
+/// only `--auth-exempt` clients may use it (anyone else would bypass them).
+fn socks4(data: &[u8], client: &mut Client, ctx: &mut Ctx<'_>) -> Next {
+    let (req, n) = match parse_socks4(data) {
+        Ok(Status::Partial) => return Next::Read,
+        Err(e) => {
+            log::debug!("#{} SOCKS4: {e}", ctx.id);
+            return Next::Fail(Reply::GeneralFailure);
+        }
+        Ok(Status::Complete(req, n)) => (req, n),
+    };
+    if ctx.env.users.is_some() && !client.exempt {
+        log::debug!("#{} SOCKS4 refused: logins are required", ctx.id);
+        let mut out = [0u8; crate::proto::SOCKS4_REPLY_LEN];
+        crate::proto::encode_socks4_reply(false, None, &mut out);
+        send(&mut client.stream, &out);
+        return Next::Answered(Close::Socks4NeedsLogin);
+    }
+    let target = match req.domain {
+        Some(name) => target(name, req.port),
+        None => Target::Ip(SocketAddr::new(IpAddr::V4(req.ip), req.port)),
+    };
+    Next::Done(req.command, target, n)
+}
+
+/// HTTP CONNECT. With logins required, `Proxy-Authorization: Basic` carries
+/// them (`--auth-exempt` clients may go without); a missing or wrong one
+/// gets 407.
+fn http(data: &[u8], client: &mut Client, ctx: &mut Ctx<'_>) -> Next {
+    let (head, n) = match parse_connect(data) {
+        Ok(Status::Partial) => return Next::Read,
+        Err(e) => {
+            log::debug!("#{} HTTP: {e:?}", ctx.id);
+            send(&mut client.stream, http_response(e.status()));
+            return Next::Answered(Close::Http(e.status()));
+        }
+        Ok(Status::Complete(head, n)) => (head, n),
+    };
+    if ctx.env.users.is_some() && !client.exempt {
+        let mut decoded = [0u8; 768];
+        let verdict = match head.authorization.and_then(|v| basic_credentials(v, &mut decoded)) {
+            Some((user, password)) => login(user, password, client, ctx),
+            // A browser asks without credentials first: no warning for that.
+            None => Err(Close::LoginFailed),
+        };
+        let status = match verdict {
+            Ok(()) => None,
+            Err(Close::UserAtLimit) => Some(429),
+            Err(_) => Some(407),
+        };
+        if let Some(status) = status {
+            send(&mut client.stream, http_response(status));
+            return Next::Answered(Close::Http(status));
         }
     }
+    Next::Done(Command::Connect, target(head.host.as_bytes(), head.port), n)
 }
 
 fn request(data: &[u8], ctx: &mut Ctx<'_>) -> Next {
@@ -196,13 +312,12 @@ fn request(data: &[u8], ctx: &mut Ctx<'_>) -> Next {
             e.reply().map_or(Next::Close(Close::BadRequest), Next::Fail)
         }
         Ok(Status::Complete(req, n)) => {
-            let target = match (req.addr.ip(), req.addr) {
-                (Some(ip), _) => Target::Ip(SocketAddr::new(ip, req.port)),
-                (None, Addr::Domain(d)) => match std::str::from_utf8(d) {
-                    Ok(host) => Target::Name(host.to_owned(), req.port),
-                    Err(_) => Target::Unresolvable,
+            let target = match req.addr {
+                Addr::Domain(host) => target(host, req.port),
+                addr => match addr.ip() {
+                    Some(ip) => Target::Ip(SocketAddr::new(ip, req.port)),
+                    None => Target::Unresolvable,
                 },
-                (None, _) => Target::Unresolvable,
             };
             Next::Done(req.command, target, n)
         }

@@ -19,7 +19,7 @@ mod udp;
 
 use crate::buf::{Buf, Pool};
 use crate::limits::Limits;
-use crate::proto::{Addr, Reply, encode_reply};
+use crate::proto::{Addr, MAX_REPLY_LEN, Reply, encode_reply, encode_socks4_reply, http_response};
 use crate::resolver::Resolver;
 use crate::rules::Rules;
 use crate::timer::{Kind, Timers};
@@ -34,6 +34,7 @@ use std::net::SocketAddr;
 use std::time::Instant;
 
 pub(crate) use bind::BindSettings;
+pub(crate) use handshake::Dialects;
 use handshake::{Handshake, Progress};
 use linger::Lingering;
 use relay::Relay;
@@ -146,6 +147,12 @@ pub(crate) enum Close {
     ControlClosed,
     /// A UDP association without datagrams for `--udp-idle-timeout`.
     UdpIdle,
+    /// The connect or BIND deadline passed (and the client was told).
+    TimedOut,
+    /// SOCKS4 while logins are required: it cannot carry a password.
+    Socks4NeedsLogin,
+    /// An HTTP request answered with this status and closed.
+    Http(u16),
 }
 
 impl fmt::Display for Close {
@@ -178,6 +185,14 @@ impl fmt::Display for Close {
             Close::ClientLeftBind => "client left during the BIND wait",
             Close::ControlClosed => "UDP association's control connection closed",
             Close::UdpIdle => "UDP association idle",
+            Close::TimedOut => "timed out",
+            Close::Socks4NeedsLogin => "SOCKS4 refused: logins are required",
+            Close::Http(400) => "HTTP 400: malformed request",
+            Close::Http(405) => "HTTP 405: not CONNECT",
+            Close::Http(407) => "HTTP 407: no or wrong credentials",
+            Close::Http(429) => "HTTP 429: user at its session limit",
+            Close::Http(431) => "HTTP 431: request head too large",
+            Close::Http(_) => "HTTP error",
         };
         f.write_str(s)
     }
@@ -214,6 +229,7 @@ pub(crate) struct Env {
     pub rules: Rules,
     pub limits: Limits,
     pub warnings: Warnings,
+    pub dialects: Dialects,
     pub bind: BindSettings,
     pub udp_cfg: UdpSettings,
     /// Sessions open, and the limit (for BIND's descriptor budget).
@@ -262,6 +278,7 @@ pub(crate) struct Client {
     pub exempt: bool,
     /// The logged-in user, for per-user limits (0: none).
     pub user: u32,
+    pub dialect: Dialect,
 }
 
 /// Formats a socket's peer address when (and only when) a log line that
@@ -342,7 +359,7 @@ pub(crate) struct Conn {
 impl Conn {
     pub(crate) fn new(id: u32, stream: TcpStream, exempt: bool, pool: &mut Pool) -> Conn {
         let state = State::Handshake(Handshake::new(pool.handshake()));
-        let client = Client { stream, ready: Ready::default(), exempt, user: 0 };
+        let client = Client { stream, ready: Ready::default(), exempt, user: 0, dialect: Dialect::Socks5 };
         Conn { id, deferred: false, extra: Extra::None, client, state }
     }
 
@@ -409,8 +426,7 @@ impl Conn {
             // as the client can tell.
             (Kind::Connect, State::Resolving(_) | State::Connecting(_)) | (Kind::Bind, State::Binding(_)) => {
                 let state = std::mem::replace(&mut self.state, State::Taken);
-                let timed_out = io::Error::from(io::ErrorKind::TimedOut);
-                let (state, flow) = fail(state, Reply::from_io(&timed_out), &mut self.client, ctx);
+                let (state, flow) = refuse(state, Outcome::TimedOut, &mut self.client, ctx);
                 self.state = state;
                 self.count_extra(ctx.env);
                 self.after(flow, ctx)
@@ -477,22 +493,83 @@ impl Extra {
     }
 }
 
-/// Writes a whole answer to the client. An answer is at most 22 bytes (or
-/// the short HTTP 400) and precedes any relayed data, so a short write means
-/// the client is gone (its send buffer cannot be full of ours).
+/// Writes a whole answer to the client. An answer is at most a few hundred
+/// bytes and precedes any relayed data, so a short write means the client
+/// is gone (its send buffer cannot be full of ours).
 pub(crate) fn send(client: &mut TcpStream, frame: &[u8]) -> bool {
     matches!(client.write(frame), Ok(n) if n == frame.len())
 }
 
-/// Sends failure reply `rep` (BND 0.0.0.0:0) and lingers. RFC 1928 §6: "the
-/// SOCKS server MUST terminate the TCP connection shortly after sending the
-/// reply".
+/// The protocol a session's client speaks, picked by its first byte.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Dialect {
+    #[default]
+    Socks5,
+    /// SOCKS4 or SOCKS4a.
+    Socks4,
+    /// HTTP CONNECT.
+    Http,
+}
+
+/// A request's outcome, as every dialect answers it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Outcome {
+    /// Granted, with this address as BND: where we connected from, where
+    /// BIND listens, the BIND peer, the UDP relay.
+    Granted(SocketAddr),
+    Failed(Reply),
+    /// The connect or BIND deadline passed.
+    TimedOut,
+}
+
+/// Writes `outcome` in the client's dialect: the one place a request is
+/// answered. SOCKS5 gets its reply code (a timeout is `0x04`); SOCKS4 gets
+/// 0x5A or, for every failure, 0x5B; HTTP gets 200, 403 for a rule's
+/// denial, 504 for a timeout and 502 for the rest.
+pub(crate) fn answer(client: &mut Client, outcome: Outcome) -> bool {
+    let mut out = [0u8; MAX_REPLY_LEN];
+    let unspecified = SocketAddr::from(([0, 0, 0, 0], 0));
+    let frame: &[u8] = match (client.dialect, outcome) {
+        (Dialect::Socks5, outcome) => {
+            let (rep, bnd) = match outcome {
+                Outcome::Granted(bnd) => (Reply::Succeeded, bnd),
+                Outcome::Failed(rep) => (rep, unspecified),
+                Outcome::TimedOut => (Reply::from_io(&io::ErrorKind::TimedOut.into()), unspecified),
+            };
+            let n = encode_reply(rep, &Addr::from(bnd.ip()), bnd.port(), &mut out);
+            &out[..n]
+        }
+        (Dialect::Socks4, outcome) => {
+            let bnd = match outcome {
+                Outcome::Granted(bnd) => Some(bnd),
+                _ => None,
+            };
+            let n = encode_socks4_reply(bnd.is_some(), bnd, &mut out);
+            &out[..n]
+        }
+        (Dialect::Http, Outcome::Granted(_)) => http_response(200),
+        (Dialect::Http, Outcome::Failed(Reply::NotAllowed)) => http_response(403),
+        (Dialect::Http, Outcome::TimedOut) => http_response(504),
+        (Dialect::Http, Outcome::Failed(_)) => http_response(502),
+    };
+    send(&mut client.stream, frame)
+}
+
+/// Answers failure `rep` and lingers. RFC 1928 §6: "the SOCKS server MUST
+/// terminate the TCP connection shortly after sending the reply".
 pub(crate) fn fail(from: impl Recycle, rep: Reply, client: &mut Client, ctx: &mut Ctx<'_>) -> (State, Flow) {
-    let mut frame = [0u8; crate::proto::MAX_REPLY_LEN];
-    let n = encode_reply(rep, &Addr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0, &mut frame);
+    refuse(from, Outcome::Failed(rep), client, ctx)
+}
+
+/// Answers a failed `outcome` and lingers.
+pub(crate) fn refuse(from: impl Recycle, outcome: Outcome, client: &mut Client, ctx: &mut Ctx<'_>) -> (State, Flow) {
+    let why = match outcome {
+        Outcome::Failed(rep) => Close::Failed(rep),
+        Outcome::TimedOut | Outcome::Granted(_) => Close::TimedOut,
+    };
     // A client that is gone makes the send fail, and the linger's first
     // read end the session.
-    let why = if send(&mut client.stream, &frame[..n]) { Close::Failed(rep) } else { Close::ClientGone };
+    let why = if answer(client, outcome) { why } else { Close::ClientGone };
     linger(from, why, client, ctx)
 }
 
@@ -518,6 +595,7 @@ mod tests {
             rules: Rules::default(),
             limits: Limits::new(None, None),
             warnings: Warnings::default(),
+            dialects: Dialects { socks4: true, http: true },
             bind: BindSettings { enabled: true, ports: None, external: Vec::new(), cursor: 0 },
             udp_cfg: UdpSettings {
                 enabled: true,

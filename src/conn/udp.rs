@@ -17,12 +17,9 @@
 //! a buffer of the association's own.
 
 use super::bind::in_range;
-use super::{Carry, Client, Close, Ctx, Flow, Ready, Recycle, State, fail, send};
+use super::{Carry, Client, Close, Ctx, Flow, Outcome, Ready, Recycle, State, answer, fail};
 use crate::buf::{Buf, Pool};
-use crate::proto::{
-    Addr, MAX_REPLY_LEN, MAX_UDP_IP_HEADER_LEN, Reply, encode_reply, encode_udp_header, parse_udp_header,
-    udp_header_len,
-};
+use crate::proto::{Addr, MAX_UDP_IP_HEADER_LEN, Reply, encode_udp_header, parse_udp_header, udp_header_len};
 use crate::resolver::{Job, Purpose};
 use crate::rules::canonical;
 use crate::timer::Kind;
@@ -151,9 +148,7 @@ pub(crate) fn start(dst_port: u16, carry: Carry, client: &mut Client, ctx: &mut 
     // nothing to UDP ASSOCIATE.
     carry.recycle(&mut ctx.env.pool);
     let assoc = Box::new(Associated { near, far, far_v6, client_ip, pinned, pending: None, cache: Default::default() });
-    let mut frame = [0u8; MAX_REPLY_LEN];
-    let n = encode_reply(Reply::Succeeded, &Addr::from(advertised), near_addr.port(), &mut frame);
-    if !send(&mut client.stream, &frame[..n]) {
+    if !answer(client, Outcome::Granted(SocketAddr::new(advertised, near_addr.port()))) {
         return (State::Associated(assoc), Flow::Close(Close::ClientGone));
     }
     log::debug!("#{} UDP association on {near_addr} (advertised {advertised}:{})", ctx.id, near_addr.port());

@@ -9,18 +9,24 @@ mod addr;
 mod auth;
 mod consts;
 mod greeting;
+mod http;
 mod reply;
 mod request;
 mod sniff;
+mod socks4;
 mod udp;
 
 pub use addr::Addr;
 pub use auth::{AUTH_VERSION, Credentials, encode_auth_reply, parse_auth};
 pub use consts::{Command, Method, Reply, VERSION, atyp};
 pub use greeting::{Greeting, encode_method, parse_greeting};
+pub use http::{ConnectHead, HttpError, MAX_HTTP_HEADERS, basic_credentials, http_response, parse_connect};
 pub use reply::{MAX_REPLY_LEN, ReplyFrame, encode_reply, parse_reply};
 pub use request::{Request, parse_request};
 pub use sniff::{HTTP_400, Sniff, sniff};
+pub use socks4::{
+    MAX_SOCKS4_FIELD, SOCKS4_REPLY_LEN, SOCKS4_VERSION, Socks4Request, encode_socks4_reply, parse_socks4,
+};
 pub use udp::{
     MAX_UDP_HEADER_LEN, MAX_UDP_IP_HEADER_LEN, UdpHeader, encode_udp_header, parse_udp_header, udp_header_len,
 };
@@ -61,6 +67,8 @@ pub enum ProtoError {
     BadAuthVersion(u8),
     /// A UDP datagram too short for its header.
     Truncated,
+    /// A SOCKS4 USERID or domain with no NUL within its bound.
+    TooLong,
 }
 
 impl ProtoError {
@@ -76,6 +84,8 @@ impl ProtoError {
             ProtoError::EmptyDomain => Some(Reply::GeneralFailure),
             // Only datagrams are cut short; they get no reply at all.
             ProtoError::Truncated => None,
+            // SOCKS4 only; its dialect answers every failure alike.
+            ProtoError::TooLong => Some(Reply::GeneralFailure),
         }
     }
 }
@@ -90,6 +100,7 @@ impl std::fmt::Display for ProtoError {
             ProtoError::EmptyDomain => f.write_str("empty domain name"),
             ProtoError::BadAuthVersion(v) => write!(f, "username/password version {v} is not 1"),
             ProtoError::Truncated => f.write_str("datagram shorter than its header"),
+            ProtoError::TooLong => f.write_str("a field longer than its bound"),
         }
     }
 }
