@@ -314,7 +314,7 @@ impl Loop {
     /// the readiness of the session in slot `key` and drives it, if it is
     /// still session `id` (compared as far as a token carries ids).
     fn session_event(&mut self, key: usize, id: u32, bits: u8) {
-        let Some(conn) = self.conns.get_mut(key).filter(|c| token::same_id(id, c.id)) else { return };
+        let Some(conn) = current(&mut self.conns, key, Id::FromToken(id)) else { return };
         conn.client.ready.set(bits);
         let id = conn.id;
         let mut ctx = Ctx { registry: self.poll.registry(), env: &mut self.env, now: self.now, key, id };
@@ -366,7 +366,7 @@ impl Loop {
         for Answer { key, id, purpose, addrs } in answers.drain(..) {
             // An answer for a session that has gone is dropped without
             // touching the slot's new session.
-            let Some(conn) = self.conns.get_mut(key).filter(|c| c.id == id) else { continue };
+            let Some(conn) = current(&mut self.conns, key, Id::Whole(id)) else { continue };
             let mut ctx = Ctx { registry: self.poll.registry(), env: &mut self.env, now: self.now, key, id };
             let step = match purpose {
                 Purpose::Dial => conn.resolved(addrs, &mut ctx),
@@ -422,7 +422,7 @@ impl Loop {
                     self.accept(i);
                 }
                 Turn::Session { key, id } => {
-                    let Some(conn) = self.conns.get_mut(key).filter(|c| c.id == id) else { continue };
+                    let Some(conn) = current(&mut self.conns, key, Id::Whole(id)) else { continue };
                     conn.deferred = false;
                     self.session_event(key, id, 0);
                 }
@@ -456,5 +456,51 @@ impl Loop {
             self.retry_listeners();
         }
         self.shared.sessions.store(self.conns.len(), Ordering::Relaxed);
+    }
+}
+
+/// A session id as something that refers to a session carries it.
+#[derive(Debug, Clone, Copy)]
+enum Id {
+    /// From a token: as many bits as the token has room for.
+    FromToken(u32),
+    /// From a resolver answer or a deferred turn: the whole id.
+    Whole(u32),
+}
+
+/// The session in slot `key`, if it is still the session `id` names: an
+/// event, answer or turn for a session that has gone (its slot perhaps
+/// reused) finds nothing, and so touches nothing. (A stale socket event
+/// could do no harm beyond a wasted syscall, since readiness is a hint the
+/// states check; a stale answer could, which the id prevents.)
+fn current(conns: &mut Slab<Conn>, key: usize, id: Id) -> Option<&mut Conn> {
+    conns.get_mut(key).filter(|c| match id {
+        Id::FromToken(bits) => token::same_id(bits, c.id),
+        Id::Whole(id) => c.id == id,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Regression (mutations: the id checks on events, answers and turns
+    /// removed): only the session that holds the slot now is found.
+    #[test]
+    fn only_the_current_session_of_a_slot_is_found() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let _client = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (stream, _) = l.accept().unwrap();
+        stream.set_nonblocking(true).unwrap();
+        let mut pool = Pool::new(4096);
+        let mut conns = Slab::new();
+        let key = conns.insert(Conn::new(41, mio::net::TcpStream::from_std(stream), false, &mut pool));
+        for id in [Id::FromToken(41), Id::Whole(41)] {
+            assert!(current(&mut conns, key, id).is_some(), "{id:?}");
+        }
+        for id in [Id::FromToken(40), Id::Whole(40), Id::Whole(41 + (1 << 31)), Id::FromToken(0)] {
+            assert!(current(&mut conns, key, id).is_none(), "{id:?}");
+        }
+        assert!(current(&mut conns, key + 1, Id::Whole(41)).is_none(), "an empty slot");
     }
 }

@@ -256,3 +256,47 @@ fn per_user_limit() {
         login(&mut s, "alice", "wonderland") == 0
     });
 }
+
+/// Regression (mutation: exempt clients given NO AUTHENTICATION even when
+/// they offer a password): an exempt client offering both methods logs in,
+/// so its user's session limit holds.
+#[test]
+fn an_exempt_client_offering_both_methods_logs_in_and_meets_the_user_limit() {
+    let proxy = auth_proxy(|c| {
+        c.rules.auth_exempt = vec!["127.0.0.1/32".parse().unwrap()];
+        c.max_connections_per_user = Some(1);
+    });
+    let echo = echo_server("127.0.0.1:0");
+    let both = |s: &mut TcpStream| -> u8 {
+        s.write_all(&[5, 2, 0, 2]).unwrap();
+        expect(s, &[5, 2]);
+        s.write_all(&auth_message("alice", "wonderland")).unwrap();
+        let mut r = [0u8; 2];
+        s.read_exact(&mut r).unwrap();
+        r[1]
+    };
+    let mut first = connect_from("127.0.0.1", proxy.addr);
+    assert_eq!(both(&mut first), 0);
+    first.write_all(&connect_request(echo)).unwrap();
+    assert_eq!(read_reply(&mut first).unwrap().0, 0);
+    let mut second = connect_from("127.0.0.1", proxy.addr);
+    assert_ne!(both(&mut second), 0, "alice is at her limit, exempt or not");
+    assert!(closed(&mut second));
+    echo_ok(&mut first);
+}
+
+/// An allow rule and a deny rule that both match an address: deny wins.
+#[test]
+fn deny_wins_over_an_allow_rule_for_the_same_address() {
+    let echo = echo_server("127.0.0.1:0");
+    let other = echo_server("127.0.0.1:0");
+    let proxy = rules_proxy(Rules {
+        allow_dest: vec!["127.0.0.0/8".parse().unwrap()],
+        deny_dest: vec![format!("127.0.0.1:{}", echo.port()).parse().unwrap()],
+        ..Rules::default()
+    });
+    let (mut s, rep, _) = request(proxy.addr, &connect_request(echo));
+    assert_eq!(rep, 2, "allowed by 127/8, denied by its port: denied");
+    assert!(closed(&mut s));
+    assert_eq!(request(proxy.addr, &connect_request(other)).1, 0, "allowed, not denied");
+}

@@ -453,3 +453,107 @@ fn shutdown_lets_open_sessions_finish_and_refuses_new_ones() {
     drop(s);
     drop(proxy); // run() returns once the last session ends
 }
+
+/// Regression (mutation: the relay's work budget removed, so a session
+/// never yields): one session flooding the proxy must not starve another.
+/// With 1 KiB buffers the proxy, not the client, is the bottleneck, so the
+/// flooding session always has bytes waiting; without the budget the loop
+/// would never leave it. The bound is loose: a second per round trip.
+#[test]
+fn a_flooding_session_does_not_starve_another() {
+    let proxy = Proxy::with(|c| c.buffer_size = 1024);
+    let sink = serve("127.0.0.1:0", |mut s| {
+        let _ = std::io::copy(&mut s, &mut std::io::sink());
+    });
+    let mut flood = open(proxy.addr, sink);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flooding = {
+        let stop = std::sync::Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let chunk = [0u8; 64 * 1024];
+            let end = std::time::Instant::now() + Duration::from_secs(30);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && std::time::Instant::now() < end {
+                if flood.write_all(&chunk).is_err() {
+                    break;
+                }
+            }
+        })
+    };
+    // Let the flood fill every buffer on its path first.
+    std::thread::sleep(Duration::from_millis(200));
+    let echo = echo_server("127.0.0.1:0");
+    let mut s = open(proxy.addr, echo);
+    s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    for i in 0..50u8 {
+        s.write_all(&[i]).unwrap();
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).unwrap_or_else(|e| panic!("round trip {i} starved: {e}"));
+        assert_eq!(b, [i]);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    flooding.join().unwrap();
+}
+
+/// Regression (mutation: the idle deadline never pushed back on traffic):
+/// a session with traffic every 100 ms outlives an idle timeout of 300 ms.
+#[test]
+fn traffic_keeps_a_session_past_its_idle_timeout() {
+    let proxy = Proxy::with(|c| c.idle_timeout = Some(Duration::from_millis(300)));
+    let echo = echo_server("127.0.0.1:0");
+    let mut s = open(proxy.addr, echo);
+    for i in 0..12u8 {
+        std::thread::sleep(Duration::from_millis(100));
+        s.write_all(&[i]).unwrap();
+        expect(&mut s, &[i]);
+    }
+    // And with the traffic stopped, the timeout still comes.
+    assert!(closed(&mut s));
+}
+
+/// The half-close waits for the bytes before it. The proxy's buffer (16
+/// MiB) takes the upstream's whole 8 MiB and its EOF, while the client (a
+/// small receive buffer, not reading yet) and the proxy's send buffer to it
+/// (at most tcp_wmem's 4 MiB) hold only part: the FIN must wait for the
+/// rest. The client then reads slowly and gets every byte, then the EOF.
+#[test]
+fn half_close_waits_for_a_slow_reader() {
+    const TOTAL: usize = 8 << 20;
+    let proxy = Proxy::with(|c| c.buffer_size = 16 << 20);
+    let upstream = serve("127.0.0.1:0", |mut s| {
+        let _ = send_pattern(&mut s, 5, TOTAL);
+    });
+    let mut s = {
+        use socket2::{Domain, Socket, Type};
+        let sock = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        sock.set_recv_buffer_size(4096).unwrap();
+        sock.connect(&proxy.addr.into()).unwrap();
+        let mut s: TcpStream = sock.into();
+        s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        s.write_all(&[5, 1, 0]).unwrap();
+        expect(&mut s, &[5, 0]);
+        s.write_all(&connect_request(upstream)).unwrap();
+        assert_eq!(read_reply(&mut s).unwrap().0, 0);
+        s
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let mut sum = Sum::new();
+    let mut buf = vec![0u8; 4096];
+    let mut since_nap = 0;
+    loop {
+        let n = s.read(&mut buf).expect("read");
+        if n == 0 {
+            break;
+        }
+        sum.add(&buf[..n]);
+        since_nap += n;
+        if since_nap >= 1 << 20 {
+            since_nap = 0;
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let mut want = vec![0u8; TOTAL];
+    Pattern::new(5).fill(&mut want);
+    let mut expected = Sum::new();
+    expected.add(&want);
+    assert_eq!(sum, expected, "every byte before the EOF");
+}

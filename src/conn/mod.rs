@@ -585,7 +585,7 @@ pub(crate) fn linger(from: impl Recycle, why: Close, client: &mut Client, ctx: &
 mod tests {
     use super::*;
 
-    fn env() -> Env {
+    pub(super) fn env() -> Env {
         let now = Instant::now();
         Env {
             pool: Pool::new(4096),

@@ -244,6 +244,35 @@ impl Recycle for Relay {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
+
+    /// A connected pair: our end as a non-blocking mio stream, theirs std.
+    fn pair() -> (TcpStream, std::net::TcpStream) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let theirs = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (ours, _) = l.accept().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        (TcpStream::from_std(ours), theirs)
+    }
+
+    /// Regression (mutation: the budget never ends a pump): a session with
+    /// more bytes waiting than one turn may move yields (`Again`) instead of
+    /// moving them all while other sessions wait.
+    #[test]
+    fn a_pump_yields_after_its_budget() {
+        let (mut client, mut client_peer) = pair();
+        let (up, _sink) = pair();
+        client_peer.write_all(&[7u8; 256 * 1024]).unwrap();
+        let mut env = super::super::tests::env();
+        env.pool = Pool::new(1024);
+        let poll = mio::Poll::new().unwrap();
+        let mut ctx = Ctx { registry: poll.registry(), env: &mut env, now: std::time::Instant::now(), key: 0, id: 0 };
+        let carry = Carry { buf: ctx.env.pool.relay(), start: 0, end: 0 };
+        let mut relay = Relay::new(up, carry);
+        let mut ready = Ready::default();
+        ready.set(Ready::CLIENT_R | Ready::CLIENT_W | Ready::UP_W);
+        assert_eq!(relay.pump(&mut client, &mut ready, &mut ctx), Pumped::Again);
+    }
 
     /// Every combination of the end bits that matter, and what it means.
     #[test]
