@@ -68,23 +68,35 @@ impl Pool {
     }
 
     pub(crate) fn relay(&mut self) -> Buf {
-        self.relay.take(self.size)
+        self.take(self.size)
     }
 
     pub(crate) fn handshake(&mut self) -> Buf {
-        self.handshake.take(HANDSHAKE_BUF)
+        self.take(HANDSHAKE_BUF)
     }
 
     pub(crate) fn udp(&mut self) -> Buf {
-        self.udp.take(UDP_BUF)
+        self.take(UDP_BUF)
     }
 
     pub(crate) fn http(&mut self) -> Buf {
-        self.http.take(HTTP_BUF)
+        self.take(HTTP_BUF)
     }
 
-    pub(crate) fn udp_size(&self) -> usize {
-        UDP_BUF
+    fn take(&mut self, len: usize) -> Buf {
+        self.list(len).take(len)
+    }
+
+    /// The free list for buffers of `len` bytes. Kinds of the same size
+    /// (the relay size may be set to any of the others) share one list, so
+    /// a buffer goes back where the next checkout of that size looks.
+    fn list(&mut self, len: usize) -> &mut FreeList {
+        match len {
+            n if n == self.size => &mut self.relay,
+            UDP_BUF => &mut self.udp,
+            HTTP_BUF => &mut self.http,
+            _ => &mut self.handshake,
+        }
     }
 
     /// Frees the buffers that stayed in the pool since the last call;
@@ -97,18 +109,9 @@ impl Pool {
         freed
     }
 
-    /// Takes a buffer back, into the list of its size (where two kinds
-    /// have the same size, either list serves both).
+    /// Takes a buffer back, into the list of its size.
     pub(crate) fn put(&mut self, buf: Buf) {
-        if buf.len() == self.size {
-            self.relay.bufs.push(buf);
-        } else if buf.len() == UDP_BUF {
-            self.udp.bufs.push(buf);
-        } else if buf.len() == HTTP_BUF {
-            self.http.bufs.push(buf);
-        } else {
-            self.handshake.bufs.push(buf);
-        }
+        self.list(buf.len()).bufs.push(buf);
     }
 
     #[cfg(test)]
@@ -177,6 +180,25 @@ mod tests {
         assert_eq!(pool.free(), (1, 1));
         let (a, b) = (pool.relay(), pool.handshake());
         assert_eq!((a.as_ptr(), b.as_ptr()), (pa, pb));
+    }
+
+    /// Regression: with the relay size equal to another kind's, buffers of
+    /// that kind went back to the relay list, and the next checkout of the
+    /// kind allocated anew.
+    #[test]
+    fn kinds_of_the_same_size_reuse_their_buffers() {
+        for size in [HANDSHAKE_BUF, HTTP_BUF, UDP_BUF, 4096] {
+            let mut pool = Pool::new(size);
+            let kinds: [fn(&mut Pool) -> Buf; 4] = [Pool::relay, Pool::handshake, Pool::http, Pool::udp];
+            for take in kinds {
+                let a = take(&mut pool);
+                let at = a.as_ptr();
+                pool.put(a);
+                let again = take(&mut pool);
+                assert_eq!(again.as_ptr(), at, "relay size {size}: a buffer went to the wrong list");
+                pool.put(again);
+            }
+        }
     }
 
     #[test]

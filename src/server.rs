@@ -317,12 +317,19 @@ impl Loop {
         let Some(conn) = current(&mut self.conns, key, Id::FromToken(id)) else { return };
         conn.client.ready.set(bits);
         let id = conn.id;
+        let third_fd = self.env.third_fd;
         let mut ctx = Ctx { registry: self.poll.registry(), env: &mut self.env, now: self.now, key, id };
         let step = conn.drive(&mut ctx);
-        self.after(key, id, step);
+        self.after(key, id, step, third_fd);
     }
 
-    fn after(&mut self, key: usize, id: u32, step: Step) {
+    /// What the loop does once a session has been driven. `third_fd` is
+    /// `Env::third_fd` from before: a session that left BIND's wait gave a
+    /// descriptor back, which may reopen a paused accept.
+    fn after(&mut self, key: usize, id: u32, step: Step, third_fd: usize) {
+        if self.env.third_fd < third_fd && !matches!(step, Step::Close(_)) {
+            self.load_dropped();
+        }
         match step {
             Step::Wait => {}
             // One deferred turn at most per session: `again` stays no longer
@@ -347,6 +354,11 @@ impl Loop {
         // set; a stale event already fetched is caught by the session id.
         conn.recycle(&mut self.env);
         self.env.open = self.conns.len();
+        self.load_dropped();
+    }
+
+    /// A session closed, or gave back a descriptor: accepting may resume.
+    fn load_dropped(&mut self) {
         if self.accept.session_closed(crate::accept::load(self.conns.len(), self.env.third_fd)) {
             self.retry_listeners();
         }
@@ -367,12 +379,13 @@ impl Loop {
             // An answer for a session that has gone is dropped without
             // touching the slot's new session.
             let Some(conn) = current(&mut self.conns, key, Id::Whole(id)) else { continue };
+            let third_fd = self.env.third_fd;
             let mut ctx = Ctx { registry: self.poll.registry(), env: &mut self.env, now: self.now, key, id };
             let step = match purpose {
                 Purpose::Dial => conn.resolved(addrs, &mut ctx),
                 Purpose::Udp => conn.udp_resolved(addrs, &mut ctx),
             };
-            self.after(key, id, step);
+            self.after(key, id, step, third_fd);
         }
         self.answers = answers;
     }
@@ -436,9 +449,10 @@ impl Loop {
         while let Some((key, kind)) = self.env.timers.pop_expired(self.now) {
             let Some(conn) = self.conns.get_mut(key) else { continue };
             let id = conn.id;
+            let third_fd = self.env.third_fd;
             let mut ctx = Ctx { registry: self.poll.registry(), env: &mut self.env, now: self.now, key, id };
             let step = conn.expired(kind, &mut ctx);
-            self.after(key, id, step);
+            self.after(key, id, step, third_fd);
         }
     }
 

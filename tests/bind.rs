@@ -285,3 +285,78 @@ fn a_binding_session_counts_one_and_a_half_against_the_limit() {
     b.read_exact(&mut m).unwrap();
     assert_eq!(m, [5, 0]);
 }
+
+/// Regression: accepting paused at the limit reopened only when a session
+/// closed, not when a BIND's wait ended in a relay (its listener's
+/// descriptor given back).
+#[test]
+fn accepting_resumes_when_a_bind_turns_into_a_relay() {
+    let proxy = Proxy::with(|c| c.max_connections = Some(2));
+    let (mut a, at) = bind_ok(proxy.addr, any4());
+    let mut b = connect(proxy.addr);
+    b.write_all(&[5, 1, 0]).unwrap();
+    b.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    let mut m = [0u8; 2];
+    assert!(b.read(&mut m).is_err(), "paused while A binds");
+    let peer = TcpStream::connect(at).unwrap();
+    second_reply(&mut a, &peer);
+    b.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    b.read_exact(&mut m).expect("B is served once the BIND became a relay");
+    assert_eq!(m, [5, 0]);
+}
+
+/// Every way out of BIND's wait gives its third descriptor back: after
+/// each, a new BIND still fits the budget of `--max-connections 2`.
+#[test]
+fn every_way_out_of_the_wait_gives_the_descriptor_back() {
+    let proxy = Proxy::with(|c| {
+        c.max_connections = Some(2);
+        // Long enough that the last step's BIND outlives its probe.
+        c.bind_timeout = Duration::from_secs(1);
+    });
+    // The timeout.
+    let (mut s, _) = bind_ok(proxy.addr, any4());
+    assert_eq!(read_reply(&mut s).unwrap().0, 4);
+    drop(s);
+    proxy.wait_sessions(0);
+    // The client leaving.
+    let (s, _) = bind_ok(proxy.addr, any4());
+    drop(s);
+    proxy.wait_sessions(0);
+    // Too many wrong peers.
+    let (mut s, at) = bind_ok(proxy.addr, "127.0.0.2:0".parse().unwrap());
+    for _ in 0..8 {
+        let mut stranger = connect_from("127.0.0.3", at);
+        assert!(closed(&mut stranger));
+    }
+    assert_eq!(read_reply(&mut s).unwrap().0, 2);
+    drop(s);
+    proxy.wait_sessions(0);
+    // Too many bytes from the client.
+    let (mut s, _) = bind_ok(proxy.addr, any4());
+    let _ = s.write_all(&[0u8; 4096]);
+    let _ = read_to_end_lossy(&mut s);
+    proxy.wait_sessions(0);
+    // A peer, then the end of the relay.
+    let (mut s, at) = bind_ok(proxy.addr, any4());
+    let peer = TcpStream::connect(at).unwrap();
+    second_reply(&mut s, &peer);
+    drop((s, peer));
+    proxy.wait_sessions(0);
+    // Nothing was left counted: a BIND waits, and a second client waits for
+    // accepting to resume (one and a half sessions held of two).
+    let (a, _) = bind_ok(proxy.addr, any4());
+    let mut b = connect(proxy.addr);
+    b.write_all(&[5, 1, 0]).unwrap();
+    b.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    assert!(b.read(&mut [0u8; 2]).is_err(), "paused while A binds: its third descriptor is counted");
+    drop(a);
+    b.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    expect(&mut b, &[5, 0]);
+}
+
+fn read_to_end_lossy(s: &mut TcpStream) -> Vec<u8> {
+    let mut v = Vec::new();
+    let _ = s.read_to_end(&mut v);
+    v
+}

@@ -301,3 +301,50 @@ fn unresponsive_target() -> (SocketAddr, Vec<TcpStream>) {
     std::mem::forget(l);
     (addr, fill)
 }
+
+/// HTTP logins count against the user's limit (429 beyond it), and an
+/// exempt client that sends credentials logs in, so its limit holds too.
+#[test]
+fn http_users_meet_their_limit_exempt_or_not() {
+    let echo = echo_server("127.0.0.1:0");
+    let proxy = Proxy::with(|c| {
+        c.users = Some(Users::from_pairs([("alice", "pw")]));
+        c.max_connections_per_user = Some(1);
+        c.rules = Rules { auth_exempt: vec!["127.0.0.1".parse().unwrap()], ..Rules::default() };
+    });
+    let target = echo.to_string();
+    let (mut first, head) = http_connect(proxy.addr, &target, &basic("alice", "pw"));
+    assert_eq!(status(&head), 200, "{head}");
+    let (mut second, head) = http_connect(proxy.addr, &target, &basic("alice", "pw"));
+    assert_eq!(status(&head), 429, "exempt, but logged in: alice is at her limit. {head}");
+    assert!(closed(&mut second));
+    // Exempt without credentials: no login asked.
+    let (mut anon, head) = http_connect(proxy.addr, &target, "");
+    assert_eq!(status(&head), 200, "{head}");
+    anon.write_all(b"anon").unwrap();
+    expect(&mut anon, b"anon");
+    first.write_all(b"first").unwrap();
+    expect(&mut first, b"first");
+}
+
+/// SOCKS4a BIND by name listens on the name's IPv4 address: SOCKS4 cannot
+/// name an IPv6 one, even when the name resolves to IPv6 first.
+#[test]
+fn socks4a_bind_by_name_listens_on_ipv4() {
+    let proxy = Proxy::with(|c| {
+        c.lookup = Lookup::new(|_, port| {
+            Ok(vec![SocketAddr::new("::1".parse().unwrap(), port), SocketAddr::from(([127, 0, 0, 1], port))])
+        })
+    });
+    let mut s = connect(proxy.addr);
+    let mut req = socks4a("peer.test", 0);
+    req[1] = 2;
+    s.write_all(&req).unwrap();
+    let first = socks4_reply(&mut s);
+    assert_eq!(first[1], 0x5A);
+    let at = reply_addr(&first);
+    assert_eq!(at.ip(), proxy.addr.ip(), "an IPv4 listener, on the address the client reached");
+    let peer = TcpStream::connect(at).unwrap();
+    let second = socks4_reply(&mut s);
+    assert_eq!((second[1], reply_addr(&second)), (0x5A, peer.local_addr().unwrap()));
+}

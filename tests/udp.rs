@@ -336,3 +336,81 @@ fn bytes_on_the_control_connection_are_ignored() {
     control.write_all(b"chatter").unwrap();
     round_trip(&client_socket("127.0.0.1:0"), relay, echo, b"still here");
 }
+
+/// Regression: every datagram received reset the idle timer, even dropped
+/// ones, so a stranger spraying the relay port kept an association alive.
+#[test]
+fn foreign_datagrams_do_not_keep_an_association_alive() {
+    let proxy = Proxy::with(|c| c.udp_idle_timeout = Duration::from_millis(400));
+    let (echo, count) = udp_echo("127.0.0.1:0");
+    let (mut control, relay) = associate(proxy.addr, any4());
+    let stranger = client_socket("127.0.0.2:0");
+    let sprayer = std::thread::spawn(move || {
+        for _ in 0..40 {
+            let _ = stranger.send_to(&wrap(echo, b"x"), relay);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
+    // The stranger sprays for 2 s; the association must end long before.
+    control.set_read_timeout(Some(Duration::from_millis(1500))).unwrap();
+    assert!(closed(&mut control), "the idle timeout ends the association despite the stranger");
+    sprayer.join().unwrap();
+    assert_eq!(count.load(Ordering::SeqCst), 0);
+}
+
+#[test]
+fn external_addr_is_advertised_for_udp() {
+    let proxy = Proxy::with(|c| c.external_addrs = vec!["192.0.2.9".parse().unwrap()]);
+    let (_control, relay) = associate(proxy.addr, any4());
+    assert_eq!(relay.ip().to_string(), "192.0.2.9");
+    // Behind the NAT, datagrams reach the same port on our address.
+    let (echo, _) = udp_echo("127.0.0.1:0");
+    let s = client_socket("127.0.0.1:0");
+    let real = SocketAddr::new(proxy.addr.ip(), relay.port());
+    s.send_to(&wrap(echo, b"nat"), real).unwrap();
+    assert_eq!(recv(&s, real), (echo, b"nat".to_vec()));
+}
+
+/// An association holds three descriptors: at `--max-connections 1` there
+/// is no budget for its sockets.
+#[test]
+fn an_association_counts_its_descriptors() {
+    let proxy = Proxy::with(|c| c.max_connections = Some(1));
+    let (mut s, rep, _) = request(proxy.addr, &[5, 3, 0, 1, 0, 0, 0, 0, 0, 0]);
+    assert_eq!(rep, 1);
+    assert!(closed(&mut s));
+}
+
+/// While one datagram waits for its destination's name, another that needs
+/// a look-up is dropped, not queued; the first goes out once answered.
+#[test]
+fn one_datagram_at_a_time_waits_for_a_name() {
+    let (echo, count) = udp_echo("127.0.0.1:0");
+    let gate = Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+    let asked = Arc::new(AtomicUsize::new(0));
+    let (g, a) = (Arc::clone(&gate), Arc::clone(&asked));
+    let proxy = Proxy::with(move |c| {
+        c.lookup = Lookup::new(move |_host, port| {
+            a.fetch_add(1, Ordering::SeqCst);
+            let (open, cv) = &*g;
+            let mut open = open.lock().unwrap();
+            while !*open {
+                open = cv.wait(open).unwrap();
+            }
+            Ok(vec![SocketAddr::new(echo.ip(), port)])
+        })
+    });
+    let (_control, relay) = associate(proxy.addr, any4());
+    let s = client_socket("127.0.0.1:0");
+    s.send_to(&wrap_name("slow.test", echo.port(), b"first"), relay).unwrap();
+    eventually("the look-up starts", || asked.load(Ordering::SeqCst) == 1);
+    s.send_to(&wrap_name("other.test", echo.port(), b"second"), relay).unwrap();
+    // An IP destination is not held up by the look-up.
+    round_trip(&s, relay, echo, b"by address");
+    *gate.0.lock().unwrap() = true;
+    gate.1.notify_all();
+    assert_eq!(recv(&s, relay), (echo, b"first".to_vec()));
+    round_trip(&s, relay, echo, b"sync");
+    assert_eq!(asked.load(Ordering::SeqCst), 1, "the second name was never looked up");
+    assert_eq!(count.load(Ordering::SeqCst), 3, "first, by address, sync: the second was dropped");
+}

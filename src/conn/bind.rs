@@ -23,8 +23,6 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 /// Peers from the wrong address (or that the rules deny) a BIND turns away
 /// before it fails with REP 0x02.
 pub(crate) const MAX_WRONG_PEERS: u8 = 8;
-/// Ports tried in a port range before REP 0x01.
-const MAX_PORT_TRIES: u32 = 256;
 /// The BIND listener's own backlog: one peer is awaited, a few wrong ones
 /// may come first.
 const BACKLOG: i32 = 8;
@@ -81,14 +79,13 @@ pub(crate) fn start(dst: SocketAddr, carry: Carry, client: &mut Client, ctx: &mu
         log::debug!("#{} BIND for {dst}: no local address of that family to offer", ctx.id);
         return fail(carry, Reply::AddrTypeNotSupported, client, ctx);
     };
-    let listener = match listen(local, &mut ctx.env.bind) {
+    let mut listener = match listen(local, &mut ctx.env.bind) {
         Ok(l) => l,
         Err(e) => {
             log::debug!("#{} BIND listener on {local}: {e}", ctx.id);
             return fail(carry, Reply::GeneralFailure, client, ctx);
         }
     };
-    let mut listener = listener;
     let port = match listener.local_addr() {
         Ok(a) => a.port(),
         Err(_) => return fail(carry, Reply::GeneralFailure, client, ctx),
@@ -140,32 +137,7 @@ fn route_to(dst: IpAddr) -> Option<IpAddr> {
 /// A non-blocking listener on `ip`, on a port of the configured range
 /// (searched from a rotating start) or one the system picks.
 fn listen(ip: IpAddr, cfg: &mut BindSettings) -> io::Result<TcpListener> {
-    in_range(cfg.ports, &mut cfg.cursor, |port| listen_on(SocketAddr::new(ip, port)))
-}
-
-/// `open(port)` on a port of `range`, searched from `*cursor` (which moves
-/// on, so successive searches spread over the range), at most
-/// [`MAX_PORT_TRIES`] ports; port 0 (the system's pick) without a range.
-pub(super) fn in_range<T>(
-    range: Option<(u16, u16)>,
-    cursor: &mut u32,
-    mut open: impl FnMut(u16) -> io::Result<T>,
-) -> io::Result<T> {
-    let Some((lo, hi)) = range else {
-        return open(0);
-    };
-    let size = u32::from(hi - lo) + 1;
-    let mut last = io::Error::from(io::ErrorKind::AddrInUse);
-    for _ in 0..size.min(MAX_PORT_TRIES) {
-        let port = lo + (*cursor % size) as u16;
-        *cursor = cursor.wrapping_add(1);
-        match open(port) {
-            Ok(t) => return Ok(t),
-            Err(e) if e.kind() == io::ErrorKind::AddrInUse => last = e,
-            Err(e) => return Err(e),
-        }
-    }
-    Err(last)
+    super::in_range(cfg.ports, &mut cfg.cursor, |port| listen_on(SocketAddr::new(ip, port)))
 }
 
 fn listen_on(addr: SocketAddr) -> io::Result<TcpListener> {

@@ -5,7 +5,7 @@
 //! addresses are tried one at a time, in the order they came, until one
 //! connects or the connect deadline passes.
 
-use super::{Carry, Client, Close, Ctx, Flow, Outcome, Ready, Recycle, State, answer, fail};
+use super::{Carry, Client, Close, Ctx, Dialect, Flow, Outcome, Ready, Recycle, State, answer, fail};
 use crate::buf::Pool;
 use crate::proto::{Command, Reply};
 use crate::resolver::{Job, Purpose};
@@ -65,10 +65,13 @@ pub(crate) fn start(request: Request, client: &mut Client, ctx: &mut Ctx<'_>) ->
 /// them in turn; BIND listens for a peer from the first.
 fn dial(command: Command, mut addrs: Addrs, carry: Carry, client: &mut Client, ctx: &mut Ctx<'_>) -> (State, Flow) {
     match command {
-        Command::Bind => match addrs.next() {
-            Some(dst) => super::bind::start(dst, carry, client, ctx),
-            None => fail(carry, Reply::HostUnreachable, client, ctx),
-        },
+        // SOCKS4 can only name an IPv4 listener: a name's IPv4 address.
+        Command::Bind => {
+            match std::iter::from_fn(|| addrs.next()).find(|a| client.dialect != Dialect::Socks4 || a.is_ipv4()) {
+                Some(dst) => super::bind::start(dst, carry, client, ctx),
+                None => fail(carry, Reply::HostUnreachable, client, ctx),
+            }
+        }
         _ => connect(addrs, carry, Last::Nothing, client, ctx),
     }
 }

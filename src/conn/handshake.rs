@@ -7,7 +7,9 @@
 //! send everything in one write, or one byte at a time.
 
 use super::dial::{Request, Target};
-use super::{Carry, Client, Close, Ctx, Dialect, Flow, Peer, Ready, Recycle, State, fail, linger, send};
+use super::{
+    Carry, Client, Close, Ctx, Dialect, Flow, Outcome, Peer, Ready, Recycle, State, answer, fail, linger, send,
+};
 use crate::buf::{Buf, HANDSHAKE_BUF, Io, Pool, read};
 use crate::proto::{
     Addr, Command, Credentials, HTTP_400, Method, Reply, Sniff, Status, basic_credentials, encode_auth_reply,
@@ -30,6 +32,10 @@ enum Phase {
     /// The HTTP CONNECT request head.
     Http,
 }
+
+/// The longest `user:password` Basic credentials decode to: RFC 1929's
+/// bounds, which the users file keeps.
+const MAX_CREDENTIALS: usize = 255 + 1 + 255;
 
 /// Which dialects besides SOCKS5 are served.
 pub(crate) struct Dialects {
@@ -69,6 +75,8 @@ enum Next {
     Close(Close),
     /// Answer failure `Reply` in the session's dialect, then close.
     Fail(Reply),
+    /// Answer `Outcome` in the session's dialect, then close for `Close`.
+    Refused(Outcome, Close),
     /// An answer that ends the session was sent: linger, then close.
     Answered(Close),
 }
@@ -104,6 +112,11 @@ impl Handshake {
                 Next::Close(why) => return Progress::Stay(State::Handshake(self), Flow::Close(why)),
                 Next::Fail(rep) => {
                     let (state, flow) = fail(self, rep, client, ctx);
+                    return Progress::Stay(state, flow);
+                }
+                Next::Refused(outcome, why) => {
+                    answer(client, outcome);
+                    let (state, flow) = linger(self, why, client, ctx);
                     return Progress::Stay(state, flow);
                 }
                 Next::Answered(why) => {
@@ -259,10 +272,7 @@ fn socks4(data: &[u8], client: &mut Client, ctx: &mut Ctx<'_>) -> Next {
     };
     if ctx.env.users.is_some() && !client.exempt {
         log::debug!("#{} SOCKS4 refused: logins are required", ctx.id);
-        let mut out = [0u8; crate::proto::SOCKS4_REPLY_LEN];
-        crate::proto::encode_socks4_reply(false, None, &mut out);
-        send(&mut client.stream, &out);
-        return Next::Answered(Close::Socks4NeedsLogin);
+        return Next::Refused(Outcome::Failed(Reply::NotAllowed), Close::Socks4NeedsLogin);
     }
     let target = match req.domain {
         Some(name) => target(name, req.port),
@@ -284,8 +294,10 @@ fn http(data: &[u8], client: &mut Client, ctx: &mut Ctx<'_>) -> Next {
         }
         Ok(Status::Complete(head, n)) => (head, n),
     };
-    if ctx.env.users.is_some() && !client.exempt {
-        let mut decoded = [0u8; 768];
+    // Exempt clients may go without credentials; one that sends them logs
+    // in, so that its user's limits apply (as for SOCKS5).
+    if ctx.env.users.is_some() && (!client.exempt || head.authorization.is_some()) {
+        let mut decoded = [0u8; MAX_CREDENTIALS];
         let verdict = match head.authorization.and_then(|v| basic_credentials(v, &mut decoded)) {
             Some((user, password)) => login(user, password, client, ctx),
             // A browser asks without credentials first: no warning for that.

@@ -534,7 +534,9 @@ pub(crate) fn answer(client: &mut Client, outcome: Outcome) -> bool {
             let (rep, bnd) = match outcome {
                 Outcome::Granted(bnd) => (Reply::Succeeded, bnd),
                 Outcome::Failed(rep) => (rep, unspecified),
-                Outcome::TimedOut => (Reply::from_io(&io::ErrorKind::TimedOut.into()), unspecified),
+                // RFC 1928 has no timeout code: to the client the host was
+                // unreachable (0x06 "TTL expired" is about hop counts).
+                Outcome::TimedOut => (Reply::HostUnreachable, unspecified),
             };
             let n = encode_reply(rep, &Addr::from(bnd.ip()), bnd.port(), &mut out);
             &out[..n]
@@ -579,6 +581,34 @@ pub(crate) fn refuse(from: impl Recycle, outcome: Outcome, client: &mut Client, 
 pub(crate) fn linger(from: impl Recycle, why: Close, client: &mut Client, ctx: &mut Ctx<'_>) -> (State, Flow) {
     from.recycle(&mut ctx.env.pool);
     linger::start(why, client, ctx)
+}
+
+/// Ports tried in a port range before a listener or relay socket fails.
+const MAX_PORT_TRIES: u32 = 256;
+
+/// `open(port)` on a port of `range`, searched from `*cursor` (which moves
+/// on, so successive searches spread over the range), at most
+/// [`MAX_PORT_TRIES`] ports; port 0 (the system's pick) without a range.
+pub(crate) fn in_range<T>(
+    range: Option<(u16, u16)>,
+    cursor: &mut u32,
+    mut open: impl FnMut(u16) -> io::Result<T>,
+) -> io::Result<T> {
+    let Some((lo, hi)) = range else {
+        return open(0);
+    };
+    let size = u32::from(hi - lo) + 1;
+    let mut last = io::Error::from(io::ErrorKind::AddrInUse);
+    for _ in 0..size.min(MAX_PORT_TRIES) {
+        let port = lo + (*cursor % size) as u16;
+        *cursor = cursor.wrapping_add(1);
+        match open(port) {
+            Ok(t) => return Ok(t),
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse => last = e,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last)
 }
 
 #[cfg(test)]

@@ -16,9 +16,8 @@
 //! scratch buffer; only a datagram waiting for its destination's name holds
 //! a buffer of the association's own.
 
-use super::bind::in_range;
 use super::{Carry, Client, Close, Ctx, Flow, Outcome, Ready, Recycle, State, answer, fail};
-use crate::buf::{Buf, Pool};
+use crate::buf::{Buf, Io, Pool, read};
 use crate::proto::{Addr, MAX_UDP_IP_HEADER_LEN, Reply, encode_udp_header, parse_udp_header, udp_header_len};
 use crate::resolver::{Job, Purpose};
 use crate::rules::canonical;
@@ -27,7 +26,7 @@ use crate::token::Role;
 use crate::warn::Warn;
 use mio::Interest;
 use mio::net::UdpSocket;
-use std::io::{self, Read};
+use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
 use std::time::{Duration, Instant};
 
@@ -159,7 +158,7 @@ pub(crate) fn start(dst_port: u16, carry: Carry, client: &mut Client, ctx: &mut 
 }
 
 fn open_near(ip: IpAddr, cfg: &mut UdpSettings) -> io::Result<(UdpSocket, SocketAddr)> {
-    let near = in_range(cfg.ports, &mut cfg.cursor, |port| UdpSocket::bind(SocketAddr::new(ip, port)))?;
+    let near = super::in_range(cfg.ports, &mut cfg.cursor, |port| UdpSocket::bind(SocketAddr::new(ip, port)))?;
     let addr = near.local_addr()?;
     Ok((near, addr))
 }
@@ -182,17 +181,17 @@ fn open_far() -> io::Result<(UdpSocket, bool)> {
 
 impl Associated {
     pub(crate) fn step(mut self: Box<Self>, client: &mut Client, ctx: &mut Ctx<'_>) -> (State, Flow) {
-        if let Some(why) = watch_control(client) {
-            return (State::Associated(self), Flow::Close(why));
-        }
+        let control = match watch_control(client) {
+            Ok(flow) => flow,
+            Err(why) => return (State::Associated(self), Flow::Close(why)),
+        };
         let mut scratch = ctx.env.udp_cfg.scratch.take().unwrap_or_else(|| vec![0; SCRATCH].into_boxed_slice());
         let mut budget = BUDGET;
         let mut moved = false;
         while budget > 0 && client.ready.has(Ready::UP_R) {
             match self.near.recv_from(&mut scratch) {
                 Ok((n, from)) => {
-                    self.client_datagram(&mut scratch[..n], from, ctx);
-                    moved = true;
+                    moved |= self.client_datagram(&mut scratch[..n], from, ctx);
                     budget -= 1;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => client.ready.clear(Ready::UP_R),
@@ -205,8 +204,7 @@ impl Associated {
         while budget > 0 && client.ready.has(Ready::REMOTE_R) {
             match self.far.recv_from(&mut scratch[MAX_UDP_IP_HEADER_LEN..]) {
                 Ok((n, from)) => {
-                    self.remote_datagram(&mut scratch[..MAX_UDP_IP_HEADER_LEN + n], from, ctx);
-                    moved = true;
+                    moved |= self.remote_datagram(&mut scratch[..MAX_UDP_IP_HEADER_LEN + n], from, ctx);
                     budget -= 1;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => client.ready.clear(Ready::REMOTE_R),
@@ -215,10 +213,12 @@ impl Associated {
             }
         }
         ctx.env.udp_cfg.scratch = Some(scratch);
+        // Only datagrams relayed count as activity: a stranger spraying the
+        // ports must not keep the association alive.
         if moved {
             ctx.env.timers.touch(ctx.key, Kind::UdpIdle, ctx.now);
         }
-        let flow = if budget == 0 { Flow::Again } else { Flow::Wait };
+        let flow = if budget == 0 { Flow::Again } else { control };
         (State::Associated(self), flow)
     }
 
@@ -232,68 +232,78 @@ impl Associated {
         }
     }
 
-    /// A client datagram: header off, data to its destination.
-    fn client_datagram(&mut self, datagram: &mut [u8], from: SocketAddr, ctx: &mut Ctx<'_>) {
+    /// A client datagram: header off, data to its destination. True when
+    /// it was the client's and went on (or waits for its name).
+    fn client_datagram(&mut self, datagram: &mut [u8], from: SocketAddr, ctx: &mut Ctx<'_>) -> bool {
         if !self.is_client(from, ctx.env.udp_cfg.client_match) {
             log::trace!("#{} UDP: dropped a datagram from {from}, not the client", ctx.id);
-            return;
+            return false;
         }
         let Ok((header, at)) = parse_udp_header(datagram) else {
             log::trace!("#{} UDP: dropped a malformed datagram", ctx.id);
-            return;
+            return false;
         };
         // The first valid datagram pins the client's address.
         self.pinned.get_or_insert(SocketAddr::new(canonical(from.ip()), from.port()));
         if header.frag != 0 {
             log::trace!("#{} UDP: dropped a fragment", ctx.id);
-            return;
+            return false;
         }
         let port = header.port;
         let ip = match (header.addr.ip(), header.addr) {
             (Some(ip), _) => ip,
             (None, Addr::Domain(name)) => {
-                let Ok(name) = std::str::from_utf8(name) else { return };
+                let Ok(name) = std::str::from_utf8(name) else { return false };
                 match self.cached(name, ctx.now) {
                     Some(ip) => ip,
                     None => return self.resolve(name, port, &datagram[at..], ctx),
                 }
             }
-            (None, _) => return,
+            (None, _) => return false,
         };
-        self.send_far(&datagram[at..], SocketAddr::new(ip, port), ctx);
+        self.send_far(&datagram[at..], SocketAddr::new(ip, port), ctx)
     }
 
-    /// Sends `data` to `to`, if the rules allow it.
-    fn send_far(&self, data: &[u8], to: SocketAddr, ctx: &Ctx<'_>) {
+    /// Sends `data` to `to`, if the rules allow it; true when sent.
+    fn send_far(&self, data: &[u8], to: SocketAddr, ctx: &Ctx<'_>) -> bool {
         let to = SocketAddr::new(canonical(to.ip()), to.port());
         if !ctx.env.rules.dest_allowed(to) {
             log::trace!("#{} UDP: {to} denied by rule", ctx.id);
-            return;
+            return false;
         }
         let to = match (to, self.far_v6) {
             (SocketAddr::V4(a), true) => SocketAddr::V6(SocketAddrV6::new(a.ip().to_ipv6_mapped(), a.port(), 0, 0)),
-            (SocketAddr::V6(_), false) => return,
+            (SocketAddr::V6(_), false) => return false,
             (to, _) => to,
         };
         // A full send buffer drops the datagram, as the network may.
-        if let Err(e) = self.far.send_to(data, to) {
-            log::trace!("#{} UDP to {to}: {e}", ctx.id);
+        match self.far.send_to(data, to) {
+            Ok(_) => true,
+            Err(e) => {
+                log::trace!("#{} UDP to {to}: {e}", ctx.id);
+                false
+            }
         }
     }
 
     /// A remote's datagram (its data at `datagram[MAX_UDP_IP_HEADER_LEN..]`):
     /// our header goes right in front of it, and the whole to the client.
-    fn remote_datagram(&self, datagram: &mut [u8], from: SocketAddr, ctx: &Ctx<'_>) {
+    /// True when it went to the client.
+    fn remote_datagram(&self, datagram: &mut [u8], from: SocketAddr, ctx: &Ctx<'_>) -> bool {
         let from = SocketAddr::new(canonical(from.ip()), from.port());
-        let Some(client) = self.pinned else { return };
+        let Some(client) = self.pinned else { return false };
         if !ctx.env.rules.dest_allowed(from) {
             log::trace!("#{} UDP: dropped a datagram from {from}, denied by rule", ctx.id);
-            return;
+            return false;
         }
         let start = MAX_UDP_IP_HEADER_LEN - udp_header_len(from);
         encode_udp_header(from, &mut datagram[start..MAX_UDP_IP_HEADER_LEN]);
-        if let Err(e) = self.near.send_to(&datagram[start..], client) {
-            log::trace!("#{} UDP to client {client}: {e}", ctx.id);
+        match self.near.send_to(&datagram[start..], client) {
+            Ok(_) => true,
+            Err(e) => {
+                log::trace!("#{} UDP to client {client}: {e}", ctx.id);
+                false
+            }
         }
     }
 
@@ -302,21 +312,23 @@ impl Associated {
     }
 
     /// Holds the datagram and asks the resolver; with one already waiting
-    /// (or no resolver, or a full queue) the datagram is dropped.
-    fn resolve(&mut self, name: &str, port: u16, data: &[u8], ctx: &mut Ctx<'_>) {
-        let Some(resolver) = &ctx.env.resolver else { return };
-        if self.pending.is_some() || data.len() > ctx.env.pool.udp_size() {
+    /// (or no resolver, or a full queue) the datagram is dropped. True when
+    /// held.
+    fn resolve(&mut self, name: &str, port: u16, data: &[u8], ctx: &mut Ctx<'_>) -> bool {
+        let Some(resolver) = &ctx.env.resolver else { return false };
+        if self.pending.is_some() {
             log::trace!("#{} UDP: dropped a datagram for {name:?}: a look-up is under way", ctx.id);
-            return;
+            return false;
         }
         let job = Job { key: ctx.key, id: ctx.id, purpose: Purpose::Udp, host: name.to_owned(), port };
         if resolver.submit(job).is_err() {
             ctx.env.warnings.warn(Warn::Resolver, ctx.now, format_args!("resolver queue full: a request refused"));
-            return;
+            return false;
         }
         let mut buf = ctx.env.pool.udp();
         buf[..data.len()].copy_from_slice(data);
         self.pending = Some(Pending { buf, data: (0, data.len() as u32), name: name.into(), port });
+        true
     }
 
     /// The resolver's answer for the waiting datagram: send it, remember the
@@ -325,11 +337,15 @@ impl Associated {
         let Some(p) = self.pending.take() else { return };
         match addrs.ok().and_then(|a| a.first().copied()) {
             Some(addr) => {
-                // An empty or expired entry, else the one that expires first.
-                let until = |c: &Option<Cached>| c.as_ref().map_or(Instant::now() - CACHE_TTL, |c| c.until);
-                let slot = (0..CACHE).min_by_key(|&i| until(&self.cache[i])).unwrap_or(0);
+                // An empty entry (None sorts first), else the one that
+                // expires first.
+                let slot = (0..CACHE).min_by_key(|&i| self.cache[i].as_ref().map(|c| c.until)).unwrap_or(0);
                 self.cache[slot] = Some(Cached { name: p.name, ip: addr.ip(), until: ctx.now + CACHE_TTL });
-                self.send_far(&p.buf[p.data.0 as usize..p.data.1 as usize], SocketAddr::new(addr.ip(), p.port), ctx);
+                let _ = self.send_far(
+                    &p.buf[p.data.0 as usize..p.data.1 as usize],
+                    SocketAddr::new(addr.ip(), p.port),
+                    ctx,
+                );
             }
             None => log::trace!("#{} UDP: {:?} did not resolve; datagram dropped", ctx.id, p.name),
         }
@@ -338,17 +354,20 @@ impl Associated {
 }
 
 /// The control connection carries nothing after the reply; what comes is
-/// read and dropped, and its end ends the association.
-fn watch_control(client: &mut Client) -> Option<Close> {
+/// read and dropped (at most a budget of reads per turn), and its end ends
+/// the association.
+fn watch_control(client: &mut Client) -> Result<Flow, Close> {
     let mut sink = [0u8; 512];
-    while client.ready.has(Ready::CLIENT_R) {
-        match client.stream.read(&mut sink) {
-            Ok(0) => return Some(Close::ControlClosed),
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => client.ready.clear(Ready::CLIENT_R),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => return Some(Close::ControlClosed),
+    for _ in 0..BUDGET {
+        if !client.ready.has(Ready::CLIENT_R) {
+            return Ok(Flow::Wait);
+        }
+        match read(&mut client.stream, &mut sink) {
+            Io::Done(n) if n < sink.len() => client.ready.short_read(Ready::CLIENT_R),
+            Io::Done(_) => {}
+            Io::WouldBlock => client.ready.clear(Ready::CLIENT_R),
+            Io::Eof | Io::Err(_) => return Err(Close::ControlClosed),
         }
     }
-    None
+    Ok(Flow::Again)
 }

@@ -1,4 +1,5 @@
-//! The SOCKS5 wire codec (RFC 1928): pure functions over byte slices.
+//! The wire codecs: SOCKS5 (RFC 1928, RFC 1929), SOCKS4/4a and HTTP
+//! CONNECT heads, as pure functions over byte slices.
 //!
 //! Nothing here touches a socket, a clock or the heap. Parsers borrow their
 //! input and answer [`Status::Partial`] until a whole message is present, so
@@ -120,6 +121,8 @@ mod tests {
             (ProtoError::BadAddrType(2), Some(Reply::AddrTypeNotSupported)),
             (ProtoError::EmptyDomain, Some(Reply::GeneralFailure)),
             (ProtoError::BadAuthVersion(5), None),
+            (ProtoError::Truncated, None),
+            (ProtoError::TooLong, Some(Reply::GeneralFailure)),
         ];
         for (err, want) in table {
             assert_eq!(err.reply(), want, "{err}");
@@ -174,11 +177,15 @@ mod tests {
     #[test]
     fn random_inputs_keep_the_parser_contract() {
         type Parse = fn(&[u8]) -> Result<Status<usize>, ProtoError>;
-        let parsers: [(&str, Parse); 4] = [
+        let parsers: [(&str, Parse); 6] = [
             ("greeting", |b| parse_greeting(b).map(|s| s.map(|_| 0))),
             ("request", |b| parse_request(b).map(|s| s.map(|_| 0))),
             ("reply", |b| parse_reply(b).map(|s| s.map(|_| 0))),
             ("auth", |b| parse_auth(b).map(|s| s.map(|_| 0))),
+            ("socks4", |b| parse_socks4(b).map(|s| s.map(|_| 0))),
+            // HTTP errors have their own type; fold them into one for the
+            // contract (final, never a panic).
+            ("http", |b| parse_connect(b).map(|s| s.map(|_| 0)).map_err(|_| ProtoError::Truncated)),
         ];
         let mut seed = 0x9e37_79b9_7f4a_7c15u64;
         let mut next = move || {
@@ -193,7 +200,12 @@ mod tests {
             // Plausible first bytes: versions 5 and 1, small commands,
             // real address types, short lengths.
             let plausible =
-                [[5u8, 1][(next() % 2) as usize], 1, 0, [1, 3, 4][(next() % 3) as usize], (next() % 8) as u8];
+                [[5u8, 1, 4][(next() % 3) as usize], 1, 0, [1, 3, 4][(next() % 3) as usize], (next() % 8) as u8];
+            if next() % 8 == 0 {
+                // Now and then an HTTP head, cut anywhere.
+                let head = b"CONNECT h:1 HTTP/1.1\r\nProxy-Authorization: Basic YTpi\r\n\r\n";
+                buf = head[..(next() as usize % (head.len() + 1))].to_vec();
+            }
             for (i, b) in plausible.iter().enumerate() {
                 if i < buf.len() && next() % 4 != 0 {
                     buf[i] = *b;
