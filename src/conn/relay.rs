@@ -7,9 +7,10 @@
 //! `shutdown(Write)` once the bytes before it are out (half-close).
 //!
 //! A direction ends on its own: a read error ends it like an EOF (the bytes
-//! read before it are still delivered), and a write error ends it at once
-//! (its destination takes nothing more: what it held is dropped, and what
-//! its source still sends is read and dropped). The other direction runs on
+//! read before it are still delivered) and marks the same socket dead for
+//! the other direction (a reset socket takes nothing either), and a write
+//! error ends it at once (its destination takes nothing more: what it held
+//! is dropped, and what its source still sends is read and dropped). The other direction runs on
 //! to its own end, so a destination that answers and hangs up while the
 //! client is still uploading (an HTTP 413, say) gets its answer through.
 //! The session ends when both directions have ended, or when the client can
@@ -55,6 +56,9 @@ struct Dir {
     dead: u8,
     /// The other direction's `shut`.
     other_shut: u8,
+    /// The other direction's `dead`: a read error on `src` (a reset) means
+    /// it cannot be written to either.
+    other_dead: u8,
 }
 
 const TX_EOF: u8 = 1;
@@ -64,11 +68,25 @@ const RX_SHUT: u8 = 8;
 const TX_DEAD: u8 = 16;
 const RX_DEAD: u8 = 32;
 /// Client to upstream.
-const TX: Dir =
-    Dir { src_r: Ready::CLIENT_R, dst_w: Ready::UP_W, eof: TX_EOF, shut: TX_SHUT, dead: TX_DEAD, other_shut: RX_SHUT };
+const TX: Dir = Dir {
+    src_r: Ready::CLIENT_R,
+    dst_w: Ready::UP_W,
+    eof: TX_EOF,
+    shut: TX_SHUT,
+    dead: TX_DEAD,
+    other_shut: RX_SHUT,
+    other_dead: RX_DEAD,
+};
 /// Upstream to client.
-const RX: Dir =
-    Dir { src_r: Ready::UP_R, dst_w: Ready::CLIENT_W, eof: RX_EOF, shut: RX_SHUT, dead: RX_DEAD, other_shut: TX_SHUT };
+const RX: Dir = Dir {
+    src_r: Ready::UP_R,
+    dst_w: Ready::CLIENT_W,
+    eof: RX_EOF,
+    shut: RX_SHUT,
+    dead: RX_DEAD,
+    other_shut: TX_SHUT,
+    other_dead: TX_DEAD,
+};
 
 impl Half {
     fn empty() -> Half {
@@ -111,7 +129,7 @@ impl Half {
                 Io::WouldBlock => ready.clear(src_r),
                 Io::Err(e) => {
                     log::debug!("#{id} relay read: {e}");
-                    *ends |= dir.eof;
+                    *ends |= dir.eof | dir.other_dead;
                     moved = true;
                 }
             }
