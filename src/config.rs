@@ -205,6 +205,9 @@ impl Config {
         if self.resolver_threads > 64 {
             return err("at most 64 resolver threads");
         }
+        if !cfg!(feature = "auth") && self.users.is_some() {
+            return err("users need the auth feature, which this build leaves out");
+        }
         if self.users.is_none() && !self.rules.auth_exempt.is_empty() {
             return err("auth-exempt ranges need users: without them nobody authenticates");
         }

@@ -9,7 +9,7 @@
 //! session relays exactly as a CONNECT does, the peer in the upstream's
 //! place.
 
-use super::{Carry, Client, Close, Ctx, Flow, Outcome, Ready, Recycle, State, answer, fail};
+use super::{BindSettings, Carry, Client, Close, Ctx, Flow, Outcome, Ready, Recycle, State, answer, fail};
 use crate::buf::{Io, Pool, read};
 use crate::proto::Reply;
 use crate::rules::canonical;
@@ -26,21 +26,6 @@ pub(crate) const MAX_WRONG_PEERS: u8 = 8;
 /// The BIND listener's own backlog: one peer is awaited, a few wrong ones
 /// may come first.
 const BACKLOG: i32 = 8;
-
-/// What BIND needs from the configuration.
-pub(crate) struct BindSettings {
-    pub enabled: bool,
-    pub ports: Option<(u16, u16)>,
-    pub external: Vec<IpAddr>,
-    /// Where the next search of the port range starts.
-    pub cursor: u32,
-}
-
-impl BindSettings {
-    pub(crate) fn external(&self, v6: bool) -> Option<IpAddr> {
-        self.external.iter().copied().find(|ip| ip.is_ipv6() == v6)
-    }
-}
 
 /// Waiting for the peer.
 pub(crate) struct Binding {

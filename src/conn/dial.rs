@@ -40,9 +40,11 @@ pub(crate) fn start(request: Request, client: &mut Client, ctx: &mut Ctx<'_>) ->
     let Request { command, target, carry } = request;
     match command {
         Command::Connect => {}
+        #[cfg(feature = "bind")]
         Command::Bind if ctx.env.bind.enabled => {}
         // DST of UDP ASSOCIATE is the client's own address, at best (field
         // clients send 0.0.0.0:0 or their target): never resolved.
+        #[cfg(feature = "udp")]
         Command::UdpAssociate if ctx.env.udp_cfg.enabled => {
             let port = match target {
                 Target::Ip(addr) => addr.port(),
@@ -66,6 +68,7 @@ pub(crate) fn start(request: Request, client: &mut Client, ctx: &mut Ctx<'_>) ->
 fn dial(command: Command, mut addrs: Addrs, carry: Carry, client: &mut Client, ctx: &mut Ctx<'_>) -> (State, Flow) {
     match command {
         // SOCKS4 can only name an IPv4 listener: a name's IPv4 address.
+        #[cfg(feature = "bind")]
         Command::Bind => {
             match std::iter::from_fn(|| addrs.next()).find(|a| client.dialect != Dialect::Socks4 || a.is_ipv4()) {
                 Some(dst) => super::bind::start(dst, carry, client, ctx),

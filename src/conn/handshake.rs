@@ -12,9 +12,11 @@ use super::{
 };
 use crate::buf::{Buf, HANDSHAKE_BUF, Io, Pool, read};
 use crate::proto::{
-    Addr, Command, Credentials, HTTP_400, Method, Reply, Sniff, Status, basic_credentials, encode_auth_reply,
-    encode_method, http_response, parse_auth, parse_connect, parse_greeting, parse_request, parse_socks4, sniff,
+    Addr, Command, Credentials, HTTP_400, Method, Reply, Sniff, Status, encode_auth_reply, encode_method, parse_auth,
+    parse_greeting, parse_request, parse_socks4, sniff,
 };
+#[cfg(feature = "http")]
+use crate::proto::{basic_credentials, http_response, parse_connect};
 use crate::warn::Warn;
 use std::net::{IpAddr, SocketAddr};
 
@@ -30,11 +32,13 @@ enum Phase {
     /// The SOCKS4/4a request.
     Socks4,
     /// The HTTP CONNECT request head.
+    #[cfg(feature = "http")]
     Http,
 }
 
 /// The longest `user:password` Basic credentials decode to: RFC 1929's
 /// bounds, which the users file keeps.
+#[cfg(feature = "http")]
 const MAX_CREDENTIALS: usize = 255 + 1 + 255;
 
 /// Which dialects besides SOCKS5 are served.
@@ -95,6 +99,7 @@ impl Handshake {
                 Phase::Auth => auth(data, client, ctx),
                 Phase::Request => request(data, ctx),
                 Phase::Socks4 => socks4(data, client, ctx),
+                #[cfg(feature = "http")]
                 Phase::Http => http(data, client, ctx),
             };
             match next {
@@ -126,17 +131,19 @@ impl Handshake {
             }
             if self.len == self.buf.len() {
                 // Only an HTTP head may outgrow the first buffer, once.
-                if matches!(self.phase, Phase::Http) && self.buf.len() == HANDSHAKE_BUF {
+                #[cfg(feature = "http")]
+                if matches!(self.phase, Phase::Http) {
+                    if self.buf.len() != HANDSHAKE_BUF {
+                        send(&mut client.stream, http_response(431));
+                        let (state, flow) = linger(self, Close::Http(431), client, ctx);
+                        return Progress::Stay(state, flow);
+                    }
                     let mut big = ctx.env.pool.http();
                     big[..self.len].copy_from_slice(&self.buf[..self.len]);
                     ctx.env.pool.put(std::mem::replace(&mut self.buf, big));
-                } else if matches!(self.phase, Phase::Http) {
-                    send(&mut client.stream, http_response(431));
-                    let (state, flow) = linger(self, Close::Http(431), client, ctx);
-                    return Progress::Stay(state, flow);
-                } else {
-                    return Progress::Stay(State::Handshake(self), Flow::Close(Close::HandshakeTooLong));
+                    continue;
                 }
+                return Progress::Stay(State::Handshake(self), Flow::Close(Close::HandshakeTooLong));
             }
             if !client.ready.has(Ready::CLIENT_R) {
                 return Progress::Stay(State::Handshake(self), Flow::Wait);
@@ -169,7 +176,8 @@ fn dialect(data: &[u8], client: &mut Client, ctx: &mut Ctx<'_>) -> Next {
     let (phase, dialect) = match sniff(data) {
         Status::Partial => return Next::Read,
         Status::Complete(Sniff::Socks5, _) => (Phase::Greeting, Dialect::Socks5),
-        Status::Complete(Sniff::Socks4, _) if on.socks4 => (Phase::Socks4, Dialect::Socks4),
+        Status::Complete(Sniff::Socks4, _) if on.socks4 && cfg!(feature = "socks4") => (Phase::Socks4, Dialect::Socks4),
+        #[cfg(feature = "http")]
         Status::Complete(Sniff::Http, _) if on.http => (Phase::Http, Dialect::Http),
         Status::Complete(Sniff::Http, _) => {
             send(&mut client.stream, HTTP_400);
@@ -190,7 +198,8 @@ fn greeting(data: &[u8], client: &mut Client, ctx: &mut Ctx<'_>) -> Next {
             // With users configured, only a password will do, except for
             // exempt clients, who may also go without (a client that
             // offers both logs in, so that its user's limits apply).
-            let preferred: &[Method] = match (ctx.env.users.is_some(), client.exempt) {
+            let logins = ctx.env.users.is_some() && cfg!(feature = "auth");
+            let preferred: &[Method] = match (logins, client.exempt) {
                 (false, _) => &[Method::NoAuth],
                 (true, false) => &[Method::UserPass],
                 (true, true) => &[Method::UserPass, Method::NoAuth],
@@ -281,6 +290,7 @@ fn socks4(data: &[u8], client: &mut Client, ctx: &mut Ctx<'_>) -> Next {
     Next::Done(req.command, target, n)
 }
 
+#[cfg(feature = "http")]
 /// HTTP CONNECT. With logins required, `Proxy-Authorization: Basic` carries
 /// them (`--auth-exempt` clients may go without); a missing or wrong one
 /// gets 407.

@@ -10,16 +10,20 @@
 //! sockets are registered through [`Ctx::register`], time comes in as
 //! `Ctx::now`.
 
+#[cfg(feature = "bind")]
 mod bind;
 mod dial;
 mod handshake;
 mod linger;
 mod relay;
+#[cfg(feature = "udp")]
 mod udp;
 
 use crate::buf::{Buf, Pool};
 use crate::limits::Limits;
-use crate::proto::{Addr, MAX_REPLY_LEN, Reply, encode_reply, encode_socks4_reply, http_response};
+#[cfg(feature = "http")]
+use crate::proto::http_response;
+use crate::proto::{Addr, MAX_REPLY_LEN, Reply, encode_reply, encode_socks4_reply};
 use crate::resolver::Resolver;
 use crate::rules::Rules;
 use crate::timer::{Kind, Timers};
@@ -30,16 +34,13 @@ use mio::net::TcpStream;
 use mio::{Interest, Registry};
 use std::fmt;
 use std::io::{self, Write};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
-pub(crate) use bind::BindSettings;
 pub(crate) use handshake::Dialects;
 use handshake::{Handshake, Progress};
 use linger::Lingering;
 use relay::Relay;
-pub use udp::UdpMatch;
-pub(crate) use udp::UdpSettings;
 
 /// Readiness we were told of and have not yet used up. Events set bits; an
 /// operation that answers `WouldBlock` clears its bit. Edge-triggered
@@ -220,6 +221,47 @@ pub(crate) enum Step {
     Close(Close),
 }
 
+/// What BIND needs from the configuration.
+pub(crate) struct BindSettings {
+    pub enabled: bool,
+    pub ports: Option<(u16, u16)>,
+    pub external: Vec<IpAddr>,
+    /// Where the next search of the port range starts.
+    pub cursor: u32,
+}
+
+impl BindSettings {
+    pub(crate) fn external(&self, v6: bool) -> Option<IpAddr> {
+        self.external.iter().copied().find(|ip| ip.is_ipv6() == v6)
+    }
+}
+
+/// Which client datagrams an association takes (`--udp-client-match`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UdpMatch {
+    /// From the control connection's client IP; the first valid datagram
+    /// pins the port.
+    #[default]
+    Ip,
+    /// As `Ip`, but a non-zero DST.PORT in the request pins the port at once.
+    IpPort,
+    /// From anywhere; the first valid datagram pins address and port.
+    None,
+}
+
+/// What UDP ASSOCIATE needs from the configuration.
+pub(crate) struct UdpSettings {
+    pub enabled: bool,
+    pub bind_addr: Option<IpAddr>,
+    pub ports: Option<(u16, u16)>,
+    pub client_match: UdpMatch,
+    pub max: Option<usize>,
+    pub cursor: u32,
+    /// One datagram at a time, shared by every association: the largest
+    /// UDP payload behind the longest header we write.
+    pub scratch: Option<Buf>,
+}
+
 /// What sessions share, owned by the loop and lent to one session at a time.
 pub(crate) struct Env {
     pub pool: Pool,
@@ -320,9 +362,11 @@ pub(crate) enum State {
     Resolving(dial::Resolving),
     Connecting(dial::Connecting),
     /// BIND, waiting for its peer.
+    #[cfg(feature = "bind")]
     Binding(bind::Binding),
     /// A UDP association (boxed: it is larger than the other states, and
     /// rarer).
+    #[cfg(feature = "udp")]
     Associated(Box<udp::Associated>),
     Relaying(Relay),
     /// Answered and finished: reading what the client still sends, so that
@@ -338,7 +382,9 @@ impl Recycle for State {
             State::Handshake(h) => h.recycle(pool),
             State::Resolving(r) => r.recycle(pool),
             State::Connecting(c) => c.recycle(pool),
+            #[cfg(feature = "bind")]
             State::Binding(b) => b.recycle(pool),
+            #[cfg(feature = "udp")]
             State::Associated(a) => a.recycle(pool),
             State::Relaying(r) => r.recycle(pool),
             State::Lingering(_) | State::Taken => {}
@@ -374,7 +420,9 @@ impl Conn {
                 },
                 s @ State::Resolving(_) => (s, Flow::Wait),
                 State::Connecting(c) => c.step(client, ctx),
+                #[cfg(feature = "bind")]
                 State::Binding(b) => b.step(client, ctx),
+                #[cfg(feature = "udp")]
                 State::Associated(a) => a.step(client, ctx),
                 State::Relaying(r) => r.step(client, ctx),
                 State::Lingering(l) => l.step(client),
@@ -413,30 +461,39 @@ impl Conn {
     /// The resolver's answer to a UDP datagram's look-up; anything but an
     /// association is left as it was.
     pub(crate) fn udp_resolved(&mut self, addrs: io::Result<Vec<SocketAddr>>, ctx: &mut Ctx<'_>) -> Step {
+        #[cfg(feature = "udp")]
         if let State::Associated(a) = &mut self.state {
             a.resolved(addrs, ctx);
         }
+        #[cfg(not(feature = "udp"))]
+        let _ = (addrs, ctx);
         Step::Wait
     }
 
     /// A deadline armed for this session has passed.
     pub(crate) fn expired(&mut self, kind: Kind, ctx: &mut Ctx<'_>) -> Step {
         match (kind, &self.state) {
+            (Kind::Connect, State::Resolving(_) | State::Connecting(_)) => self.time_out(ctx),
             // A BIND whose peer never came: the host was unreachable as far
             // as the client can tell.
-            (Kind::Connect, State::Resolving(_) | State::Connecting(_)) | (Kind::Bind, State::Binding(_)) => {
-                let state = std::mem::replace(&mut self.state, State::Taken);
-                let (state, flow) = refuse(state, Outcome::TimedOut, &mut self.client, ctx);
-                self.state = state;
-                self.count_extra(ctx.env);
-                self.after(flow, ctx)
-            }
+            #[cfg(feature = "bind")]
+            (Kind::Bind, State::Binding(_)) => self.time_out(ctx),
             (Kind::Handshake, _) => Step::Close(Close::HandshakeTimeout),
             (Kind::Idle, _) => Step::Close(Close::IdleTimeout),
             (Kind::Linger, State::Lingering(l)) => Step::Close(l.why()),
+            #[cfg(feature = "udp")]
             (Kind::UdpIdle, State::Associated(_)) => Step::Close(Close::UdpIdle),
             _ => Step::Wait,
         }
+    }
+
+    /// The connect or BIND deadline passed: answer it and linger.
+    fn time_out(&mut self, ctx: &mut Ctx<'_>) -> Step {
+        let state = std::mem::replace(&mut self.state, State::Taken);
+        let (state, flow) = refuse(state, Outcome::TimedOut, &mut self.client, ctx);
+        self.state = state;
+        self.count_extra(ctx.env);
+        self.after(flow, ctx)
     }
 
     fn after(&mut self, flow: Flow, ctx: &mut Ctx<'_>) -> Step {
@@ -450,7 +507,9 @@ impl Conn {
     /// Keeps `Env::third_fd` and `Env::udp` in step with the state.
     fn count_extra(&mut self, env: &mut Env) {
         let now = match self.state {
+            #[cfg(feature = "bind")]
             State::Binding(_) => Extra::Bind,
+            #[cfg(feature = "udp")]
             State::Associated(_) => Extra::Udp,
             _ => Extra::None,
         };
@@ -549,10 +608,16 @@ pub(crate) fn answer(client: &mut Client, outcome: Outcome) -> bool {
             let n = encode_socks4_reply(bnd.is_some(), bnd, &mut out);
             &out[..n]
         }
+        #[cfg(feature = "http")]
         (Dialect::Http, Outcome::Granted(_)) => http_response(200),
+        #[cfg(feature = "http")]
         (Dialect::Http, Outcome::Failed(Reply::NotAllowed)) => http_response(403),
+        #[cfg(feature = "http")]
         (Dialect::Http, Outcome::TimedOut) => http_response(504),
+        #[cfg(feature = "http")]
         (Dialect::Http, Outcome::Failed(_)) => http_response(502),
+        #[cfg(not(feature = "http"))]
+        (Dialect::Http, _) => &[],
     };
     send(&mut client.stream, frame)
 }

@@ -16,7 +16,7 @@
 //! scratch buffer; only a datagram waiting for its destination's name holds
 //! a buffer of the association's own.
 
-use super::{Carry, Client, Close, Ctx, Flow, Outcome, Ready, Recycle, State, answer, fail};
+use super::{Carry, Client, Close, Ctx, Flow, Outcome, Ready, Recycle, State, UdpMatch, UdpSettings, answer, fail};
 use crate::buf::{Buf, Io, Pool, read};
 use crate::proto::{Addr, MAX_UDP_IP_HEADER_LEN, Reply, encode_udp_header, parse_udp_header, udp_header_len};
 use crate::resolver::{Job, Purpose};
@@ -29,32 +29,6 @@ use mio::net::UdpSocket;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
 use std::time::{Duration, Instant};
-
-/// Which client datagrams an association takes (`--udp-client-match`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum UdpMatch {
-    /// From the control connection's client IP; the first valid datagram
-    /// pins the port.
-    #[default]
-    Ip,
-    /// As `Ip`, but a non-zero DST.PORT in the request pins the port at once.
-    IpPort,
-    /// From anywhere; the first valid datagram pins address and port.
-    None,
-}
-
-/// What UDP ASSOCIATE needs from the configuration.
-pub(crate) struct UdpSettings {
-    pub enabled: bool,
-    pub bind_addr: Option<IpAddr>,
-    pub ports: Option<(u16, u16)>,
-    pub client_match: UdpMatch,
-    pub max: Option<usize>,
-    pub cursor: u32,
-    /// One datagram at a time, shared by every association: the largest
-    /// UDP payload behind the longest header we write.
-    pub scratch: Option<Buf>,
-}
 
 /// Datagrams handled per turn before the session yields.
 const BUDGET: u32 = 64;
