@@ -124,18 +124,19 @@ fn resets_from_either_side_end_the_session_cleanly() {
 /// runs in the soak: `--ignored`.)
 #[test]
 fn many_stalled_clients_then_back_to_baseline() {
-    rude_clients(2000);
+    rude_clients(2000, "3s");
 }
 
 #[test]
 #[ignore = "soak: cargo test --release --test hardening -- --ignored"]
 fn soak_five_thousand_stalled_clients() {
-    rude_clients(5000);
+    rude_clients(5000, "10s");
 }
 
-fn rude_clients(n: usize) {
+/// `n` stalled sessions; `idle` must outlast opening them all.
+fn rude_clients(n: usize, idle: &str) {
     slabsocks::sys::raise_nofile_limit().unwrap();
-    let (mut child, addr, _log) = spawn_logged(&["--idle-timeout", "2s"]);
+    let (mut child, addr, _log) = spawn_logged(&["--idle-timeout", idle]);
     let pid = child.id();
     std::thread::sleep(Duration::from_millis(100));
     let (base_fds, base_rss) = (fds(pid), rss_kib(pid));
