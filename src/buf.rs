@@ -217,6 +217,54 @@ mod tests {
         assert_eq!(pool.free(), (0, 0));
     }
 
+    /// Every kind of checkout has its documented size (an HTTP head of up to
+    /// 8 KiB, a datagram of up to 64 KiB), goes back to its own list, and is
+    /// the one handed out next (no allocation on reuse).
+    #[test]
+    fn every_kind_is_sized_and_reused_from_its_own_list() {
+        type Take = fn(&mut Pool) -> Buf;
+        let kinds: [(&str, Take, usize); 4] = [
+            ("relay", Pool::relay, 4096),
+            ("handshake", Pool::handshake, HANDSHAKE_BUF),
+            ("udp", Pool::udp, 65_536),
+            ("http", Pool::http, 8 * 1024),
+        ];
+        let mut pool = Pool::new(4096);
+        let bufs: Vec<Buf> = kinds.iter().map(|(_, take, _)| take(&mut pool)).collect();
+        let ptrs: Vec<*const u8> = bufs.iter().map(|b| b.as_ptr()).collect();
+        for ((name, _, size), buf) in kinds.iter().zip(&bufs) {
+            assert_eq!(buf.len(), *size, "{name}");
+        }
+        bufs.into_iter().for_each(|b| pool.put(b));
+        let again: Vec<Buf> = kinds.iter().map(|(_, take, _)| take(&mut pool)).collect();
+        for ((name, _, _), (buf, ptr)) in kinds.iter().zip(again.iter().zip(ptrs)) {
+            assert_eq!(buf.as_ptr(), ptr, "{name}: the buffer put back is reused");
+        }
+        assert_eq!(pool.udp_size(), pool.udp().len(), "a datagram that fits udp_size fits the buffer");
+    }
+
+    /// Trim counts the unused buffers of all four lists, not only the
+    /// relay list.
+    #[test]
+    fn trim_counts_every_list() {
+        let mut pool = Pool::new(4096);
+        let takes: [fn(&mut Pool) -> Buf; 4] = [Pool::relay, Pool::handshake, Pool::udp, Pool::http];
+        // One kind at a time, so a sum mistaken for a difference or a
+        // product shows.
+        for (i, take) in takes.iter().enumerate() {
+            let b = take(&mut pool);
+            pool.put(b);
+            assert_eq!(pool.trim(), 0, "list {i}: in use this period");
+            assert_eq!(pool.trim(), 1, "list {i}: unused for a whole period");
+        }
+        for take in takes {
+            let b = take(&mut pool);
+            pool.put(b);
+        }
+        assert_eq!(pool.trim(), 0);
+        assert_eq!(pool.trim(), 4);
+    }
+
     #[test]
     fn fold_table() {
         let mut eof: &[u8] = b"";
@@ -236,5 +284,14 @@ mod tests {
             }
         };
         assert!(matches!(fold(&mut interrupted_once, Io::Eof), Io::WouldBlock));
+        // An error, then 3 bytes: only Interrupted is retried (into the
+        // bytes), and no other error is taken for WouldBlock.
+        let error_then_data = |kind: io::ErrorKind| {
+            let mut first = true;
+            move || if std::mem::take(&mut first) { Err(kind.into()) } else { Ok(3) }
+        };
+        assert!(matches!(fold(error_then_data(io::ErrorKind::Interrupted), Io::Eof), Io::Done(3)));
+        let reset = fold(error_then_data(io::ErrorKind::ConnectionReset), Io::Eof);
+        assert!(matches!(reset, Io::Err(e) if e.kind() == io::ErrorKind::ConnectionReset));
     }
 }

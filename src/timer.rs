@@ -152,6 +152,12 @@ mod tests {
         Timers::new(t0, [s(10), s(5), s(60), s(2), s(60), s(120)])
     }
 
+    /// Every session expired at `now`, in the order popped. Bounded, so a
+    /// broken unlink fails the test instead of hanging it.
+    fn expired(t: &mut Timers, now: Instant) -> Vec<(usize, Kind)> {
+        std::iter::from_fn(|| t.pop_expired(now)).take(64).collect()
+    }
+
     #[test]
     fn expire_in_deadline_order_across_kinds() {
         let t0 = Instant::now();
@@ -161,11 +167,7 @@ mod tests {
         t.set(7, Kind::Handshake, t0 + Duration::from_secs(2)); // 12 s
         assert_eq!(t.next_deadline(), Some(t0 + Duration::from_secs(6)));
         assert_eq!(t.pop_expired(t0 + Duration::from_secs(5)), None);
-        let late = t0 + Duration::from_secs(20);
-        let mut got = vec![];
-        while let Some(e) = t.pop_expired(late) {
-            got.push(e);
-        }
+        let mut got = expired(&mut t, t0 + Duration::from_secs(20));
         got.sort();
         assert_eq!(got, [(1, Kind::Connect), (3, Kind::Handshake), (7, Kind::Handshake)]);
         assert_eq!(t.next_deadline(), None);
@@ -183,12 +185,32 @@ mod tests {
         t.cancel(4); // tail
         t.cancel(4); // twice is harmless
         t.set(1, Kind::Connect, t0); // moves to another list
-        let late = t0 + Duration::from_secs(100);
-        let mut got = vec![];
-        while let Some(e) = t.pop_expired(late) {
-            got.push(e);
-        }
-        assert_eq!(got, [(3, Kind::Handshake), (1, Kind::Connect)]);
+        assert_eq!(expired(&mut t, t0 + Duration::from_secs(100)), [(3, Kind::Handshake), (1, Kind::Connect)]);
+    }
+
+    /// A timeout too long to count in milliseconds (`--idle-timeout` of
+    /// u64::MAX seconds) is as good as never, not a few milliseconds.
+    #[test]
+    fn a_timeout_beyond_the_millisecond_range_never_fires() {
+        let t0 = Instant::now();
+        let forever = Some(Duration::from_secs(u64::MAX));
+        let mut t = Timers::new(t0, [forever; KINDS]);
+        t.set(0, Kind::Idle, t0);
+        let a_century = t0 + Duration::from_secs(100 * 365 * 24 * 3600);
+        assert_eq!(t.pop_expired(a_century), None);
+    }
+
+    /// `touch` relinks only when the deadline would move by more than 1/16
+    /// of the timeout: exactly 1/16 leaves it where it was.
+    #[test]
+    fn touch_by_exactly_a_sixteenth_keeps_the_deadline() {
+        let t0 = Instant::now();
+        let mut t = Timers::new(t0, [None, None, Some(Duration::from_secs(16)), None, None, None]);
+        t.set(0, Kind::Idle, t0);
+        t.touch(0, Kind::Idle, t0 + Duration::from_secs(1));
+        assert_eq!(t.next_deadline(), Some(t0 + Duration::from_secs(16)));
+        t.touch(0, Kind::Idle, t0 + Duration::from_millis(1001));
+        assert_eq!(t.next_deadline(), Some(t0 + Duration::from_millis(17_001)));
     }
 
     #[test]

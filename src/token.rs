@@ -128,4 +128,38 @@ mod tests {
         #[cfg(target_pointer_width = "64")]
         assert!(!same_id(0, 1 << 30), "64-bit tokens carry the whole id");
     }
+
+    /// `session` keeps only the id bits its field holds: whatever id it is
+    /// given, even one past [`ID_MAX`], the token stays a session token,
+    /// below the reserved range, and the fields fill every bit under the top.
+    #[test]
+    fn any_id_leaves_the_top_bit_to_the_reserved_tokens() {
+        for id in [0, ID_MAX, u32::MAX] {
+            let t = session(MAX_KEY, id, Role::UdpRemote);
+            assert!(matches!(owner(t), Some(Owner::Session { key: MAX_KEY, role: Role::UdpRemote, .. })), "{id}");
+            assert!(same_id(owner_id(t), id), "{id}");
+        }
+        assert_eq!(session(MAX_KEY, u32::MAX, Role::Client).0, usize::MAX >> 1 & !ROLE_MASK);
+    }
+
+    fn owner_id(t: Token) -> u32 {
+        match owner(t) {
+            Some(Owner::Session { id, .. }) => id,
+            other => panic!("{t:?} is {other:?}"),
+        }
+    }
+
+    /// The capacity the layout promises on 64-bit targets: slab keys up to
+    /// 2^29 - 1, and every 31-bit session id carried whole.
+    #[cfg(target_pointer_width = "64")]
+    #[test]
+    fn a_64_bit_token_carries_a_29_bit_key_and_the_whole_31_bit_id() {
+        let key = (1 << 29) - 1;
+        assert_eq!(MAX_KEY, key);
+        for id in [0, 1, 1 << 30, u32::MAX >> 1] {
+            let t = session(key, id, Role::UdpRemote);
+            assert_eq!(owner(t), Some(Owner::Session { key, id, role: Role::UdpRemote }), "{id}");
+        }
+        assert_eq!(ID_MAX, u32::MAX >> 1, "the id after ID_MAX wraps to 0 within 31 bits");
+    }
 }

@@ -137,12 +137,64 @@ mod tests {
     #[test]
     fn malformed_lines_are_named() {
         let long = format!("u:{}\n", "p".repeat(256));
-        let cases: [(&[u8], usize); 4] =
-            [(b"alice:x\nno colon here\n", 2), (b":nameless\n", 1), (long.as_bytes(), 1), (b"a:1\n#\na:2\n", 3)];
+        let long_name = format!("{}:p\n", "u".repeat(256));
+        let cases: [(&[u8], usize); 5] = [
+            (b"alice:x\nno colon here\n", 2),
+            (b":nameless\n", 1),
+            (long.as_bytes(), 1),
+            (long_name.as_bytes(), 1),
+            (b"a:1\n#\na:2\n", 3),
+        ];
         for (text, line) in cases {
             let err = Users::parse(text).unwrap_err();
             assert_eq!(err.0, line, "{err:?}");
         }
+    }
+
+    /// RFC 1929 carries up to 255 bytes each: a name and a password of
+    /// exactly 255 bytes load and verify.
+    #[test]
+    fn names_and_passwords_of_255_bytes_are_accepted() {
+        let (name, password) = ("n".repeat(MAX_FIELD), "p".repeat(MAX_FIELD));
+        let users = Users::parse(format!("{name}:{password}\n").as_bytes()).unwrap();
+        assert!(users.verify(name.as_bytes(), password.as_bytes()));
+    }
+
+    #[test]
+    fn from_pairs_and_emptiness() {
+        let users = Users::from_pairs([("alice", "s3cret"), ("bob", "")]);
+        assert_eq!((users.len(), users.is_empty()), (2, false));
+        assert!(users.verify(b"alice", b"s3cret"));
+        assert!(users.verify(b"bob", b""));
+        assert!(!users.verify(b"alice", b""));
+        assert!(Users::default().is_empty());
+        assert!(Users::parse(b"# nobody yet\n").unwrap().is_empty());
+    }
+
+    /// Debug output (which may reach a log) shows how many users there are,
+    /// never a name or a password.
+    #[test]
+    fn debug_shows_the_count_only() {
+        let shown = format!("{:?}", Users::from_pairs([("alice", "hunter2")]));
+        assert_eq!(shown, "Users(1 entries)");
+    }
+
+    /// A users file readable by group or others is reported; owner-only
+    /// modes are not.
+    #[test]
+    fn readable_by_others_table() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("slabsocks-users-mode-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("users");
+        std::fs::write(&path, "a:b\n").unwrap();
+        let table = [(0o600, false), (0o400, false), (0o700, false), (0o640, true), (0o604, true), (0o644, true)];
+        for (mode, want) in table {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            assert_eq!(readable_by_others(&path), want, "{mode:o}");
+        }
+        assert!(!readable_by_others(&dir.join("missing")), "no file, nothing to report");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
@@ -151,8 +203,9 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("users");
         std::fs::write(&path, "ok:1\nbad\n").unwrap();
-        let err = Users::load(&path).unwrap_err().0;
-        assert!(err.contains("users:2:"), "{err}");
+        let err = Users::load(&path).unwrap_err();
+        assert!(err.0.contains("users:2:"), "{err:?}");
+        assert_eq!(err.to_string(), err.0, "the operator sees the file and the line");
         assert!(Users::load(&dir.join("missing")).is_err());
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -89,4 +89,38 @@ mod tests {
         assert_eq!(next.as_deref(), Some("x (10 similar suppressed since the last)"));
         assert_eq!(said(Warn::Login, EVERY * 2, &mut w).as_deref(), Some("x"));
     }
+
+    /// Keeps the warn-level lines of the test below (their text is unique
+    /// to it; other tests in this binary may log concurrently).
+    struct Kept;
+
+    static KEPT: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+    impl log::Log for Kept {
+        fn enabled(&self, m: &log::Metadata<'_>) -> bool {
+            m.level() <= log::Level::Warn
+        }
+        fn log(&self, r: &log::Record<'_>) {
+            let line = r.args().to_string();
+            if r.level() == log::Level::Warn && line.starts_with("warn.rs test:") {
+                KEPT.lock().unwrap_or_else(|p| p.into_inner()).push(line);
+            }
+        }
+        fn flush(&self) {}
+    }
+
+    /// `warn` writes to the log exactly the lines the rate limit lets
+    /// through, at warn level.
+    #[test]
+    fn warn_logs_the_lines_the_limit_lets_through() {
+        let _ = log::set_logger(&Kept);
+        log::set_max_level(log::LevelFilter::Warn);
+        let t0 = Instant::now();
+        let mut w = Warnings::default();
+        for (i, at) in [Duration::ZERO, Duration::from_secs(1), EVERY].into_iter().enumerate() {
+            w.warn(Warn::Udp, t0 + at, format_args!("warn.rs test: {i}"));
+        }
+        let kept = KEPT.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        assert_eq!(kept, ["warn.rs test: 0", "warn.rs test: 2 (1 similar suppressed since the last)"]);
+    }
 }

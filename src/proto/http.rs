@@ -214,7 +214,22 @@ Proxy-Authorization: Basic YWxpY2U6czNjcjN0\r\nUser-Agent: test\r\n\r\n";
         assert_eq!(basic_credentials(b"Basic YTpi", &mut out), Some((&b"a"[..], &b"b"[..])));
         assert_eq!(basic_credentials(b"basic  YTo= ", &mut out), Some((&b"a"[..], &b""[..])));
         assert_eq!(basic_credentials(b"Basic YTpiOmM=", &mut out), Some((&b"a"[..], &b"b:c"[..])));
-        for bad in [&b"Bearer YTpi"[..], b"Basic", b"Basic YTpi=", b"Basic Y*pi", b"Basic YWJj", b"Basic ====", b""] {
+        // Two padding characters; the alphabet's last two characters.
+        assert_eq!(basic_credentials(b"Basic YWI6Yw==", &mut out), Some((&b"ab"[..], &b"c"[..])));
+        assert_eq!(basic_credentials(b"Basic YTo+Pj4=", &mut out), Some((&b"a"[..], &b">>>"[..])));
+        assert_eq!(basic_credentials(b"Basic dTo/Pz4=", &mut out), Some((&b"u"[..], &b"??>"[..])));
+        let bad_inputs = [
+            &b"Bearer YTpi"[..],
+            b"Basic",
+            b"Basic YTpi=",
+            b"Basic Y*pi",
+            b"Basic YWJj",
+            b"Basic ====",
+            b"Basic YTo===",
+            b"Basic YQ==YTpi", // padding before the last quad
+            b"",
+        ];
+        for bad in bad_inputs {
             assert_eq!(basic_credentials(bad, &mut out), None, "{:?}", String::from_utf8_lossy(bad));
         }
         let mut tiny = [0u8; 2];

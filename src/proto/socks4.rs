@@ -163,9 +163,13 @@ mod tests {
         for (input, want) in table {
             assert_eq!(parse_socks4(input), Err(want), "{input:?}");
         }
-        // The longest fields allowed are fine.
+        // The longest fields allowed are fine, and every prefix of them is
+        // only Partial: a field at its bound still waits for its NUL.
         let max = v4a(&[b'u'; MAX_SOCKS4_FIELD], &[b'd'; MAX_SOCKS4_FIELD]);
         assert!(matches!(parse_socks4(&max), Ok(Status::Complete(_, n)) if n == max.len()));
+        for k in 0..max.len() {
+            assert_eq!(parse_socks4(&max[..k]), Ok(Status::Partial), "prefix {k}");
+        }
     }
 
     #[test]

@@ -98,6 +98,20 @@ mod tests {
         assert_eq!(parse_udp_header(&[0, 0, 0, 9, 1, 2]), Err(ProtoError::BadAddrType(9)));
     }
 
+    /// The bounds are the real extremes: a 255-byte name for any header,
+    /// an IPv6 address for one the server writes.
+    #[test]
+    fn the_longest_headers_are_exactly_the_maximums() {
+        let mut name = vec![0, 0, 0, 3, 255];
+        name.extend_from_slice(&[b'n'; 255]);
+        name.extend_from_slice(&[0, 53]);
+        assert_eq!(parse_udp_header(&name).map(|(_, n)| n), Ok(MAX_UDP_HEADER_LEN));
+        let v6: SocketAddr = "[2001:db8::1]:53".parse().unwrap();
+        let mut out = [0u8; MAX_UDP_IP_HEADER_LEN];
+        assert_eq!(encode_udp_header(v6, &mut out), MAX_UDP_IP_HEADER_LEN);
+        assert_eq!(udp_header_len(v6), MAX_UDP_IP_HEADER_LEN);
+    }
+
     #[test]
     fn encode_then_parse_is_the_identity() {
         for from in ["192.0.2.1:53", "[2001:db8::1]:443", "0.0.0.0:0", "[::ffff:10.0.0.1]:65535"] {
