@@ -240,7 +240,7 @@ mod tests {
         for ((name, _, _), (buf, ptr)) in kinds.iter().zip(again.iter().zip(ptrs)) {
             assert_eq!(buf.as_ptr(), ptr, "{name}: the buffer put back is reused");
         }
-        assert_eq!(pool.udp_size(), pool.udp().len(), "a datagram that fits udp_size fits the buffer");
+        assert_eq!(pool.udp().len(), UDP_BUF, "the largest UDP payload fits a UDP buffer");
     }
 
     /// Trim counts the unused buffers of all four lists, not only the
