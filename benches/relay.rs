@@ -16,10 +16,18 @@
 //! change: measured as the target `baseline`, in the same run; or several,
 //! as `label=path,label=path`), SLABSOCKS_BENCH_BURST (1000 clients
 //! connecting at once), SLABSOCKS_BENCH_SCENARIOS (a comma-separated subset
-//! of `relay,burst,memory,syscalls`; default all).
+//! of `relay,burst,memory,syscalls,udp`; default all), SLABSOCKS_BENCH_UDP_MS
+//! (1000: each closed-loop UDP run; the open-loop run lasts half as long).
+//!
+//! `udp`: UDP ASSOCIATE to an echo server in this process, 64 and 1400-byte
+//! payloads, datagrams echoed per second and datagrams lost: a closed loop
+//! (at most 64 unanswered, so the relay's rate is measured, not a socket
+//! buffer overflowing) and an open loop (sent as fast as one client can:
+//! does the relay keep delivering when offered more than it carries?).
+//! microsocks has no UDP ASSOCIATE and is left out.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -130,6 +138,9 @@ fn start_target(name: &'static str) -> Result<Target, String> {
             let dir = std::env::temp_dir().join(format!("slabsocks-bench-dante-{port}"));
             std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
             let conf = dir.join("danted.conf");
+            // A socks rule without `command:` passes every command: CONNECT,
+            // BIND and its bindreply, UDP ASSOCIATE and its udpreply (whose
+            // `from:` is the remote: on 127.0.0.0/8 here, so one rule does).
             std::fs::write(
                 &conf,
                 format!(
@@ -273,6 +284,19 @@ fn hold_server() -> (SocketAddr, Arc<Mutex<Vec<TcpStream>>>) {
     (a, held)
 }
 
+/// Echoes every datagram to its sender.
+fn udp_echo_server() -> SocketAddr {
+    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let a = s.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 65_536];
+        while let Ok((n, from)) = s.recv_from(&mut buf) {
+            let _ = s.send_to(&buf[..n], from);
+        }
+    });
+    a
+}
+
 // --------------------------------------------------------- measurements
 
 fn throughput(via: Option<SocketAddr>, sink: SocketAddr, bytes: usize) -> f64 {
@@ -341,7 +365,153 @@ fn latency(via: Option<SocketAddr>, echo: SocketAddr, n: usize) -> (f64, f64) {
     (rtts[n / 2], rtts[n * 99 / 100])
 }
 
-/// Proportional set size of a process and its descendants, in KiB.
+// ---------------------------------------------------------------- UDP
+
+/// A UDP association (RFC 1928 §7): the control connection, which must stay
+/// open for as long as the association is to live, and the relay's address.
+struct Association {
+    _control: TcpStream,
+    relay: SocketAddr,
+}
+
+/// UDP ASSOCIATE with DST 0.0.0.0:0 (the client does not say where it will
+/// send from), in raw bytes.
+fn udp_associate(proxy: SocketAddr) -> std::io::Result<Association> {
+    let other = std::io::Error::other;
+    let mut s = TcpStream::connect(proxy)?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(&[5, 1, 0])?;
+    let mut m = [0u8; 2];
+    s.read_exact(&mut m)?;
+    if m != [5, 0] {
+        return Err(other(format!("greeting refused: {m:?}")));
+    }
+    s.write_all(&[5, 3, 0, 1, 0, 0, 0, 0, 0, 0])?;
+    let mut head = [0u8; 4];
+    s.read_exact(&mut head)?;
+    if head[1] != 0 {
+        return Err(other(format!("UDP ASSOCIATE refused with REP {:#04x}", head[1])));
+    }
+    let len = match head[3] {
+        1 => 4,
+        4 => 16,
+        t => return Err(other(format!("odd BND type {t}"))),
+    };
+    let mut bnd = [0u8; 18];
+    s.read_exact(&mut bnd[..len + 2])?;
+    let ip: std::net::IpAddr = match <[u8; 4]>::try_from(&bnd[..len]) {
+        Ok(v4) => v4.into(),
+        Err(_) => <[u8; 16]>::try_from(&bnd[..len]).unwrap().into(),
+    };
+    let port = u16::from_be_bytes([bnd[len], bnd[len + 1]]);
+    // An unspecified BND means "the address you reached me on".
+    let ip = if ip.is_unspecified() { proxy.ip() } else { ip };
+    Ok(Association { _control: s, relay: SocketAddr::new(ip, port) })
+}
+
+/// Unanswered datagrams a closed-loop client allows itself.
+const UDP_WINDOW: usize = 64;
+/// A closed-loop client that has heard nothing for this long presumes its
+/// unanswered datagrams lost and fills the window again.
+const UDP_STALL: Duration = Duration::from_millis(50);
+/// After the last send: how long to wait for a straggler before giving up.
+const UDP_DRAIN: Duration = Duration::from_millis(100);
+/// Open loop: datagrams sent between two reads of the replies.
+const UDP_BATCH: usize = 32;
+
+#[derive(Default)]
+struct UdpRun {
+    sent: u64,
+    /// Replies that came back before sending stopped.
+    in_time: u64,
+    /// ... and after the drain.
+    echoed: u64,
+    secs: f64,
+}
+
+/// Datagrams of `size` bytes to the UDP echo server for `secs`, over a new
+/// association through `via` (with the SOCKS UDP header) or directly (bare).
+/// `window`: at most that many unanswered at a time (closed loop); `None`:
+/// as fast as one client sends (open loop).
+fn udp_flood(
+    via: Option<SocketAddr>,
+    echo: SocketAddr,
+    size: usize,
+    window: Option<usize>,
+    secs: f64,
+) -> std::io::Result<UdpRun> {
+    use std::io::ErrorKind::{TimedOut, WouldBlock};
+    let assoc = via.map(udp_associate).transpose()?;
+    let sock = UdpSocket::bind("127.0.0.1:0")?;
+    let SocketAddr::V4(e) = echo else { unreachable!("bench targets are IPv4") };
+    // RFC 1928 §7: RSV RSV FRAG ATYP DST.ADDR DST.PORT DATA. The relay's
+    // reply carries the same header, naming the remote that answered.
+    let mut frame = Vec::with_capacity(10 + size);
+    let dest = match &assoc {
+        Some(a) => {
+            frame.extend_from_slice(&[0, 0, 0, 1]);
+            frame.extend_from_slice(&e.ip().octets());
+            frame.extend_from_slice(&e.port().to_be_bytes());
+            a.relay
+        }
+        None => echo,
+    };
+    let head = frame.len();
+    frame.resize(head + size, 0x5a);
+    let ours = |reply: &[u8]| reply.len() == frame.len() && reply[..head] == frame[..head];
+    let mut buf = vec![0u8; 65_536];
+    let mut run = UdpRun::default();
+    let t0 = Instant::now();
+    let end = t0 + Duration::from_secs_f64(secs);
+    match window {
+        Some(window) => {
+            sock.set_read_timeout(Some(UDP_STALL))?;
+            let mut unanswered = 0;
+            while Instant::now() < end {
+                while unanswered < window && sock.send_to(&frame, dest).is_ok() {
+                    run.sent += 1;
+                    unanswered += 1;
+                }
+                match sock.recv(&mut buf) {
+                    Ok(n) if ours(&buf[..n]) => {
+                        run.echoed += 1;
+                        unanswered = unanswered.saturating_sub(1);
+                    }
+                    Err(e) if matches!(e.kind(), WouldBlock | TimedOut) => unanswered = 0,
+                    _ => {}
+                }
+            }
+        }
+        None => {
+            sock.set_nonblocking(true)?;
+            while Instant::now() < end {
+                for _ in 0..UDP_BATCH {
+                    if sock.send_to(&frame, dest).is_err() {
+                        break;
+                    }
+                    run.sent += 1;
+                }
+                while let Ok(n) = sock.recv(&mut buf) {
+                    run.echoed += u64::from(ours(&buf[..n]));
+                }
+            }
+            sock.set_nonblocking(false)?;
+        }
+    }
+    run.secs = t0.elapsed().as_secs_f64();
+    run.in_time = run.echoed;
+    sock.set_read_timeout(Some(UDP_DRAIN))?;
+    let give_up = Instant::now() + Duration::from_secs(2);
+    while run.echoed < run.sent && Instant::now() < give_up {
+        match sock.recv(&mut buf) {
+            Ok(n) => run.echoed += u64::from(ours(&buf[..n])),
+            Err(_) => break,
+        }
+    }
+    Ok(run)
+}
+
 /// SYNs the kernel dropped because an accept queue was full (`TcpExt:
 /// ListenOverflows` in /proc/net/netstat; 0 where it is missing).
 fn listen_overflows() -> u64 {
@@ -412,6 +582,7 @@ fn burst(proxy: SocketAddr, echo: SocketAddr, n: usize) -> (f64, u64, f64) {
     (ms, dropped, worst)
 }
 
+/// Proportional set size of a process and its descendants, in KiB.
 fn tree_pss_kib(root: u32) -> u64 {
     tree(root)
         .iter()
@@ -547,6 +718,141 @@ fn machine() -> String {
     format!("{cores} cores, {cpu}, kernel {}", kernel.trim())
 }
 
+const UDP_SIZES: [usize; 2] = [64, 1400];
+
+/// What the `udp` scenario gathers for one target, per payload size.
+#[derive(Default)]
+struct UdpResults {
+    /// Closed loop: echoed per second.
+    rate: [Samples; 2],
+    /// Closed loop: (lost, sent), summed over rounds.
+    lost: [(u64, u64); 2],
+    /// Open loop: sent and echoed per second.
+    offered: [Samples; 2],
+    delivered: [Samples; 2],
+    open_lost: [(u64, u64); 2],
+    /// Why the target was left out (no UDP ASSOCIATE, or it failed).
+    skipped: Option<String>,
+}
+
+/// The `udp` scenario: for each payload size, a closed-loop run (the rate
+/// the relay sustains) and a shorter open-loop run (what it delivers and
+/// drops when offered more than it can carry), each over a new
+/// association, for every target in a rotated order each round.
+fn udp_scenario(targets: &[Target], echo: SocketAddr, rounds: usize, secs: f64) -> Vec<UdpResults> {
+    let open_secs = secs / 2.0;
+    let n = targets.len();
+    let mut res: Vec<UdpResults> = (0..n).map(|_| UdpResults::default()).collect();
+    for (r, t) in res.iter_mut().zip(targets) {
+        if t.name == "microsocks" {
+            r.skipped = Some("no UDP ASSOCIATE".into());
+        }
+    }
+    for round in 0..rounds {
+        for k in 0..n {
+            let i = (k + round) % n;
+            if res[i].skipped.is_some() {
+                continue;
+            }
+            eprintln!("  {} udp", targets[i].name);
+            // A warm-up, not counted: without it, the first run of a
+            // target's turn came out slower, whichever size went first.
+            let _ = udp_flood(targets[i].proxy, echo, UDP_SIZES[0], Some(UDP_WINDOW), 0.2);
+            for (z, &size) in UDP_SIZES.iter().enumerate() {
+                let via = targets[i].proxy;
+                let runs = udp_flood(via, echo, size, Some(UDP_WINDOW), secs)
+                    .and_then(|closed| Ok((closed, udp_flood(via, echo, size, None, open_secs)?)));
+                let r = &mut res[i];
+                match runs {
+                    Ok((c, o)) => {
+                        r.rate[z].0.push(c.in_time as f64 / c.secs);
+                        r.lost[z].0 += c.sent - c.echoed.min(c.sent);
+                        r.lost[z].1 += c.sent;
+                        r.offered[z].0.push(o.sent as f64 / o.secs);
+                        r.delivered[z].0.push(o.in_time as f64 / o.secs);
+                        r.open_lost[z].0 += o.sent - o.echoed.min(o.sent);
+                        r.open_lost[z].1 += o.sent;
+                    }
+                    Err(e) => {
+                        r.skipped = Some(e.to_string());
+                        break;
+                    }
+                }
+            }
+        }
+        eprintln!("udp round {} of {rounds} done", round + 1);
+    }
+    res
+}
+
+/// The `udp` tables: `secs` is the length of a closed-loop run.
+fn print_udp(targets: &[Target], res: &[UdpResults], secs: f64) {
+    let open_secs = secs / 2.0;
+    let direct = targets.iter().position(|t| t.proxy.is_none());
+    let ratio = |r: &UdpResults, z: usize| match direct {
+        Some(d) if !r.rate[z].0.is_empty() => format!("{:.2}", r.rate[z].median() / res[d].rate[z].median()),
+        _ => "-".into(),
+    };
+    let share = |(lost, sent): (u64, u64)| match sent {
+        0 => "-".to_string(),
+        _ => format!("{lost} ({:.2}%)", lost as f64 * 100.0 / sent as f64),
+    };
+    println!();
+    println!(
+        "udp: datagrams echoed per second, closed loop: at most {UDP_WINDOW} unanswered, {secs:.1} s per run; \
+         lost = sent − echoed after a {} ms drain, over all rounds",
+        UDP_DRAIN.as_millis()
+    );
+    println!(
+        "{:<11} {:>24} {:>8} {:>16} {:>24} {:>8} {:>16}",
+        "", "64 B datagrams/s", "×direct", "lost", "1400 B datagrams/s", "×direct", "lost"
+    );
+    for (r, t) in res.iter().zip(targets) {
+        if r.rate[0].0.is_empty() {
+            println!("{:<11} skipped: {}", t.name, r.skipped.as_deref().unwrap_or("no result"));
+            continue;
+        }
+        println!(
+            "{:<11} {:>24} {:>8} {:>16} {:>24} {:>8} {:>16}{}",
+            t.name,
+            r.rate[0].show(0),
+            ratio(r, 0),
+            share(r.lost[0]),
+            r.rate[1].show(0),
+            ratio(r, 1),
+            share(r.lost[1]),
+            r.skipped.as_deref().map_or(String::new(), |why| format!("  (then {why})")),
+        );
+    }
+    println!();
+    println!(
+        "udp open loop: one client sends as fast as it can for {open_secs:.1} s; per second sent and echoed, and lost"
+    );
+    println!(
+        "{:<11} {:>24} {:>24} {:>8} {:>24} {:>24} {:>8}",
+        "", "64 B sent/s", "echoed/s", "lost", "1400 B sent/s", "echoed/s", "lost"
+    );
+    let pct = |(lost, sent): (u64, u64)| match sent {
+        0 => "-".to_string(),
+        _ => format!("{:.1}%", lost as f64 * 100.0 / sent as f64),
+    };
+    for (r, t) in res.iter().zip(targets) {
+        if r.offered[0].0.is_empty() {
+            continue;
+        }
+        println!(
+            "{:<11} {:>24} {:>24} {:>8} {:>24} {:>24} {:>8}",
+            t.name,
+            r.offered[0].show(0),
+            r.delivered[0].show(0),
+            pct(r.open_lost[0]),
+            r.offered[1].show(0),
+            r.delivered[1].show(0),
+            pct(r.open_lost[1]),
+        );
+    }
+}
+
 fn main() {
     // `cargo test --all-targets` runs this binary without --bench: do nothing.
     if !std::env::args().any(|a| a == "--bench") {
@@ -557,7 +863,8 @@ fn main() {
     let mib = env_num("SLABSOCKS_BENCH_MB", 256);
     let idle = env_num("SLABSOCKS_BENCH_IDLE", 3000);
     let only = std::env::var("SLABSOCKS_BENCH_ONLY").ok();
-    let scenarios = std::env::var("SLABSOCKS_BENCH_SCENARIOS").unwrap_or_else(|_| "relay,burst,memory,syscalls".into());
+    let scenarios =
+        std::env::var("SLABSOCKS_BENCH_SCENARIOS").unwrap_or_else(|_| "relay,burst,memory,syscalls,udp".into());
     let run = |scenario: &str| scenarios.split(',').any(|s| s == scenario);
     println!("machine: {}", machine());
     pin(0);
@@ -583,6 +890,7 @@ fn main() {
         }
     }
     let (sink, echo, echo64) = (sink_server(), echo_server(), echo64_server(RATE_CLIENTS * 2));
+    let udp_echo = udp_echo_server();
     let n = targets.len();
     let mut tput: Vec<Samples> = (0..n).map(|_| Samples::default()).collect();
     let mut rate: Vec<Samples> = (0..n).map(|_| Samples::default()).collect();
@@ -633,34 +941,42 @@ fn main() {
         println!("strace not installed: no system call counts");
     }
 
-    println!();
-    println!(
-        "{:<11} {:>22} {:>22} {:>20} {:>22} {:>12} {:>14}",
-        "", "throughput Gbit/s", "sessions/s", "RTT p50 µs", "RTT p99 µs", "B/idle sess", "syscalls/sess"
-    );
-    for (i, t) in targets.iter().enumerate() {
+    let udp_secs = env_num("SLABSOCKS_BENCH_UDP_MS", 1000) as f64 / 1e3;
+    let udp = run("udp").then(|| udp_scenario(&targets, udp_echo, rounds, udp_secs));
+
+    if run("relay") || run("memory") || run("syscalls") {
+        println!();
         println!(
             "{:<11} {:>22} {:>22} {:>20} {:>22} {:>12} {:>14}",
-            t.name,
-            tput[i].show(2),
-            rate[i].show(0),
-            p50[i].show(1),
-            p99[i].show(1),
-            mem[i].map_or("-".into(), |m| format!("{m:.0}")),
-            sys[i].map_or("-".into(), |m| format!("{m:.1}")),
+            "", "throughput Gbit/s", "sessions/s", "RTT p50 µs", "RTT p99 µs", "B/idle sess", "syscalls/sess"
         );
+        for (i, t) in targets.iter().enumerate() {
+            println!(
+                "{:<11} {:>22} {:>22} {:>20} {:>22} {:>12} {:>14}",
+                t.name,
+                tput[i].show(2),
+                rate[i].show(0),
+                p50[i].show(1),
+                p99[i].show(1),
+                mem[i].map_or("-".into(), |m| format!("{m:.0}")),
+                sys[i].map_or("-".into(), |m| format!("{m:.1}")),
+            );
+        }
+        println!();
+        println!("ratios of medians to direct (throughput and rate: higher is better; latency: lower is better)");
+        for (i, t) in targets.iter().enumerate() {
+            println!(
+                "{:<11} throughput {:.2}  sessions/s {:.2}  p50 {:.2}  p99 {:.2}{}",
+                t.name,
+                tput[i].median() / tput[0].median(),
+                rate[i].median() / rate[0].median(),
+                p50[i].median() / p50[0].median(),
+                p99[i].median() / p99[0].median(),
+                if errs[i] > 0 { format!("  ({} failed sessions)", errs[i]) } else { String::new() },
+            );
+        }
     }
-    println!();
-    println!("ratios of medians to direct (throughput and rate: higher is better; latency: lower is better)");
-    for (i, t) in targets.iter().enumerate() {
-        println!(
-            "{:<11} throughput {:.2}  sessions/s {:.2}  p50 {:.2}  p99 {:.2}{}",
-            t.name,
-            tput[i].median() / tput[0].median(),
-            rate[i].median() / rate[0].median(),
-            p50[i].median() / p50[0].median(),
-            p99[i].median() / p99[0].median(),
-            if errs[i] > 0 { format!("  ({} failed sessions)", errs[i]) } else { String::new() },
-        );
+    if let Some(res) = udp {
+        print_udp(&targets, &res, udp_secs);
     }
 }
