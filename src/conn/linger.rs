@@ -63,3 +63,59 @@ impl Lingering {
         (State::Lingering(self), Flow::Again)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn lingering(left: u32) -> (Client, std::net::TcpStream, Lingering) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let peer = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (ours, _) = l.accept().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        let stream = mio::net::TcpStream::from_std(ours);
+        let client = Client { stream, ready: Ready::default(), exempt: false, user: 0, dialect: Default::default() };
+        (client, peer, Lingering { why: Close::Done, left })
+    }
+
+    /// Reads what the client sends (draining it), and waits for more.
+    #[test]
+    fn reads_everything_there_and_waits() {
+        let (mut client, mut peer, l) = lingering(LINGER_BYTES);
+        peer.write_all(&[1u8; 10_000]).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        client.ready.set(Ready::CLIENT_R);
+        let (state, flow) = l.step(&mut client);
+        assert!(matches!(flow, Flow::Wait));
+        let State::Lingering(l) = state else { panic!("still lingering") };
+        assert_eq!(l.left, LINGER_BYTES - 10_000, "every byte there was read");
+        assert!(!client.ready.has(Ready::CLIENT_R), "the socket was drained");
+        // Not readable: nothing is read.
+        peer.write_all(&[1u8; 100]).unwrap();
+        let (state, flow) = l.step(&mut client);
+        assert!(matches!(flow, Flow::Wait));
+        let State::Lingering(l) = state else { panic!() };
+        assert_eq!(l.left, LINGER_BYTES - 10_000);
+    }
+
+    /// At the byte bound the session ends, with the reason it lingered for.
+    #[test]
+    fn ends_at_the_bound_and_at_eof() {
+        let (mut client, mut peer, l) = lingering(100);
+        peer.write_all(&[1u8; 1000]).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        client.ready.set(Ready::CLIENT_R);
+        let (state, flow) = l.step(&mut client);
+        assert!(matches!(flow, Flow::Close(Close::Done)));
+        let State::Lingering(l) = state else { panic!() };
+        assert_eq!(l.left, 0, "read up to the bound, no further");
+
+        let (mut client, peer, l) = lingering(LINGER_BYTES);
+        drop(peer);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        client.ready.set(Ready::CLIENT_R);
+        let (_, flow) = l.step(&mut client);
+        assert!(matches!(flow, Flow::Close(Close::Done)), "the client's EOF ends it");
+    }
+}

@@ -290,6 +290,14 @@ mod tests {
         let mut ready = Ready::default();
         ready.set(Ready::CLIENT_R | Ready::CLIENT_W | Ready::UP_W);
         assert_eq!(relay.pump(&mut client, &mut ready, &mut ctx), Pumped::Again);
+        // It yields after its whole budget, not before: 32 rounds of 1 KiB.
+        _sink.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+        let mut got = 0;
+        let mut buf = [0u8; 64 * 1024];
+        while got < BUDGET as usize * 1024 {
+            got += std::io::Read::read(&mut &_sink, &mut buf).unwrap();
+        }
+        assert_eq!(got, BUDGET as usize * 1024, "one turn moves its budget's worth");
     }
 
     /// Every combination of the end bits that matter, and what it means.
