@@ -114,8 +114,9 @@ impl Pool {
         self.list(buf.len()).bufs.push(buf);
     }
 
+    /// Free relay and handshake buffers (for tests).
     #[cfg(test)]
-    fn free(&self) -> (usize, usize) {
+    pub(crate) fn free(&self) -> (usize, usize) {
         (self.relay.bufs.len(), self.handshake.bufs.len())
     }
 }

@@ -300,6 +300,19 @@ mod tests {
         assert_eq!(got, BUDGET as usize * 1024, "one turn moves its budget's worth");
     }
 
+    /// A relay that closes gives every buffer it holds back to the pool.
+    #[test]
+    fn recycle_gives_the_buffers_back() {
+        let mut pool = Pool::new(4096);
+        let (up, _peer) = pair();
+        let carry = Carry { buf: pool.handshake(), start: 0, end: 10 };
+        let mut relay = Relay::new(up, carry);
+        relay.rx.buf = Some(pool.relay());
+        assert_eq!(pool.free(), (0, 0));
+        relay.recycle(&mut pool);
+        assert_eq!(pool.free(), (1, 1), "the relay buffer and the carried handshake buffer");
+    }
+
     /// Every combination of the end bits that matter, and what it means.
     #[test]
     fn end_table() {
