@@ -159,7 +159,7 @@ fn emfile_backs_off_without_spinning_and_recovers() {
             Ok(())
         });
     }
-    let mut child = cmd.spawn().unwrap();
+    let mut child = Spawned(cmd.spawn().unwrap());
     let stderr = child.stderr.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {

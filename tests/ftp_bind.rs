@@ -167,8 +167,7 @@ fn active_ftp_through_socksify_uses_bind() {
     Pattern::new(0xf7b).fill(&mut data);
     std::fs::write(dir.join("root/data.bin"), &data).unwrap();
 
-    let (proxy, addr, log) = spawn_logged(&["--log-level", "debug"]);
-    let mut proxy = Reap(proxy);
+    let (mut proxy, addr, log) = spawn_logged(&["--log-level", "debug"]);
 
     let mut server = Reap(
         Command::new("python3")
@@ -265,8 +264,8 @@ fn active_ftp_through_socksify_uses_bind() {
     assert_eq!(named, [port], "the client must announce the BIND port; server saw {announced:?}, proxy: {listening}");
     log.wait_for("BIND: peer 127.0.0.1:");
 
-    signal(&proxy.0, libc::SIGTERM);
-    assert_eq!(wait_exit(&mut proxy.0), 0);
+    signal(&proxy, libc::SIGTERM);
+    assert_eq!(wait_exit(&mut proxy), 0);
     drop(client);
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);

@@ -224,7 +224,7 @@ fn descriptor_exhaustion_with_every_command() {
             Ok(())
         });
     }
-    let mut child = cmd.spawn().unwrap();
+    let mut child = Spawned(cmd.spawn().unwrap());
     eventually("the server listens", || TcpStream::connect(addr).is_ok());
     let echo = echo_server("127.0.0.1:0");
     let mut flood = Vec::new();

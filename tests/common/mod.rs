@@ -367,8 +367,14 @@ impl Log {
     /// Finds (waiting, bounded) a line containing `text`, earlier lines
     /// included; returns it.
     pub fn wait_for(&self, text: &str) -> String {
+        self.try_wait_for(text).unwrap_or_else(|lines| panic!("no log line with {text:?} in {lines:?}"))
+    }
+
+    /// As [`Log::wait_for`], but gives the lines so far instead of panicking
+    /// (on the time limit, or when the child's stderr closes).
+    pub fn try_wait_for(&self, text: &str) -> Result<String, Vec<String>> {
         if let Some(line) = self.1.borrow().iter().find(|l| l.contains(text)) {
-            return line.clone();
+            return Ok(line.clone());
         }
         let end = Instant::now() + IO_TIMEOUT;
         loop {
@@ -377,10 +383,10 @@ impl Log {
                 Ok(line) => {
                     self.1.borrow_mut().push(line.clone());
                     if line.contains(text) {
-                        return line;
+                        return Ok(line);
                     }
                 }
-                Err(_) => panic!("no log line with {text:?} in {:?}", self.1.borrow()),
+                Err(_) => return Err(self.1.borrow().clone()),
             }
         }
     }
@@ -406,9 +412,35 @@ impl Log {
     }
 }
 
+/// A child process that is killed (by its PID) and reaped when dropped, so
+/// a test that fails midway leaves no server behind. `wait_exit` reaps it
+/// first when the test ends normally.
+pub struct Spawned(pub Child);
+
+impl std::ops::Deref for Spawned {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Spawned {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        // A no-op for a child already reaped: no stray signal to a reused PID.
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Starts the binary on a free port with its stderr read into a [`Log`];
 /// returns at once.
-pub fn start_logged(extra: &[&str]) -> (Child, String, Log) {
+pub fn start_logged(extra: &[&str]) -> (Spawned, String, Log) {
     let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let listen = format!("127.0.0.1:{port}");
     let mut child = Command::new(BIN)
@@ -428,20 +460,34 @@ pub fn start_logged(extra: &[&str]) -> (Child, String, Log) {
             }
         }
     });
-    (child, listen, Log(rx, Default::default()))
+    (Spawned(child), listen, Log(rx, Default::default()))
 }
 
 /// Starts the binary on a free port and waits for its start-up line.
-pub fn spawn(extra: &[&str]) -> (Child, std::net::SocketAddr) {
+pub fn spawn(extra: &[&str]) -> (Spawned, std::net::SocketAddr) {
     let (child, addr, _log) = spawn_logged(extra);
     (child, addr)
 }
 
-pub fn spawn_logged(extra: &[&str]) -> (Child, std::net::SocketAddr, Log) {
-    let (child, listen, log) = start_logged(extra);
-    let line = log.wait_for("listening on");
-    assert!(line.contains(&listen), "{line}");
-    (child, listen.parse().unwrap(), log)
+/// Starts the binary on a free port and waits for its start-up line. The
+/// port is picked by binding and releasing it, so a test running beside
+/// this one may take it first: a server that exits at start-up is started
+/// again on another port (three tries).
+pub fn spawn_logged(extra: &[&str]) -> (Spawned, std::net::SocketAddr, Log) {
+    for _ in 0..3 {
+        let (mut child, listen, log) = start_logged(extra);
+        match log.try_wait_for("listening on") {
+            Ok(line) => {
+                assert!(line.contains(&listen), "{line}");
+                return (child, listen.parse().unwrap(), log);
+            }
+            Err(lines) => {
+                let status = child.try_wait().ok().flatten();
+                eprintln!("start-up failed ({status:?}), trying another port: {lines:?}");
+            }
+        }
+    }
+    panic!("the server did not start in three tries");
 }
 
 pub fn signal(child: &Child, sig: i32) {
