@@ -55,6 +55,10 @@ pub fn parse_connect(buf: &[u8]) -> Result<Status<ConnectHead<'_>>, HttpError> {
                 _ => Ok(Status::Partial),
             };
         }
+        // A method other than CONNECT was refused as soon as it was known
+        // (above); the same head is refused the same way whatever comes
+        // after it, so that the answer never depends on how it arrived.
+        Err(_) if req.method.is_some_and(|m| m != "CONNECT") => return Err(HttpError::NotConnect),
         Err(httparse::Error::TooManyHeaders) => return Err(HttpError::TooManyHeaders),
         Err(_) => return Err(HttpError::Malformed),
     };
@@ -197,6 +201,10 @@ Proxy-Authorization: Basic YWxpY2U6czNjcjN0\r\nUser-Agent: test\r\n\r\n";
     fn errors() {
         assert_eq!(parse_connect(b"GET / HTTP/1.1\r\n\r\n"), Err(HttpError::NotConnect));
         assert_eq!(parse_connect(b"GET / HT"), Err(HttpError::NotConnect), "known early");
+        // Regression (found by fuzzing): the answer to a head must not depend
+        // on how it arrives; a non-CONNECT method decides it.
+        assert_eq!(parse_connect(b"GET \x01"), Err(HttpError::NotConnect));
+        assert_eq!(parse_connect(b"GET / HTTP/1.1\r\nbad header\r\n\r\n"), Err(HttpError::NotConnect));
         assert_eq!(parse_connect(b"CONNECT nohost HTTP/1.1\r\n\r\n"), Err(HttpError::Malformed));
         assert_eq!(parse_connect(b"CONNECT a:1 HTTP/1.1\r\nbad header\r\n\r\n"), Err(HttpError::Malformed));
         let mut many = b"CONNECT a:1 HTTP/1.1\r\n".to_vec();
