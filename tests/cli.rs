@@ -133,33 +133,13 @@ fn a_users_file_others_can_read_is_warned_about() {
     let _ = std::fs::remove_dir_all(path.parent().unwrap());
 }
 
-/// CPU time (user + system) a process has used, in clock ticks.
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let fields: Vec<&str> = stat.rsplit(')').next().unwrap().split_whitespace().collect();
-    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
-}
-
 /// Out of descriptors, `accept` fails with EMFILE while the kernel still
 /// has connections queued. The loop must back off, not spin on the
 /// listener, and serve again once descriptors free up.
 #[test]
 fn emfile_backs_off_without_spinning_and_recovers() {
-    use std::os::unix::process::CommandExt;
-    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let mut cmd = Command::new(BIN);
-    cmd.args(["--listen", &addr.to_string(), "--max-connections", "1000", "--resolver-threads", "0"]);
-    cmd.stdout(Stdio::null()).stderr(Stdio::piped());
-    // SAFETY: only setrlimit, async-signal-safe, runs between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            let lim = libc::rlimit { rlim_cur: 40, rlim_max: 40 };
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-            Ok(())
-        });
-    }
-    let mut child = Spawned(cmd.spawn().unwrap());
+    let (mut child, addr) =
+        spawn_with_nofile(40, &["--max-connections", "1000", "--resolver-threads", "0"], Stdio::piped());
     let stderr = child.stderr.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {

@@ -7,7 +7,7 @@ mod common;
 
 use common::*;
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::net::{Shutdown, TcpStream};
 use std::time::{Duration, Instant};
 
 fn proc_status(pid: u32, field: &str) -> u64 {
@@ -210,21 +210,8 @@ fn churn(n: usize) {
 /// server, and it serves again once the flood is gone.
 #[test]
 fn descriptor_exhaustion_with_every_command() {
-    use std::os::unix::process::CommandExt;
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let mut cmd = std::process::Command::new(BIN);
-    cmd.args(["--listen", &addr.to_string(), "--max-connections", "1000", "--log-level", "warn"]);
-    cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
-    // SAFETY: only setrlimit, async-signal-safe, runs between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            let lim = libc::rlimit { rlim_cur: 64, rlim_max: 64 };
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-            Ok(())
-        });
-    }
-    let mut child = Spawned(cmd.spawn().unwrap());
+    let (mut child, addr) =
+        spawn_with_nofile(64, &["--max-connections", "1000", "--log-level", "warn"], std::process::Stdio::null());
     eventually("the server listens", || TcpStream::connect(addr).is_ok());
     let echo = echo_server("127.0.0.1:0");
     let mut flood = Vec::new();
@@ -240,15 +227,9 @@ fn descriptor_exhaustion_with_every_command() {
         let _ = s.write_all(&wire);
         flood.push(s);
     }
-    let ticks = |pid: u32| -> u64 {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-        let after = &stat[stat.rfind(')').unwrap() + 2..];
-        let f: Vec<&str> = after.split_whitespace().collect();
-        f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
-    };
-    let before = ticks(child.id());
+    let before = cpu_ticks(child.id());
     std::thread::sleep(Duration::from_secs(2));
-    let used = ticks(child.id()) - before;
+    let used = cpu_ticks(child.id()) - before;
     assert!(used < 100, "{used} ticks in 2 s under descriptor exhaustion: the loop spins");
     drop(flood);
     eventually("service resumes", || {

@@ -4,7 +4,7 @@ mod common;
 
 use common::*;
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::net::{Shutdown, TcpStream};
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -100,23 +100,6 @@ fn connect_timeout_is_0x04() {
     let (mut s, rep, _) = request(proxy.addr, &connect_request(target));
     assert_eq!(rep, 4);
     assert!(closed(&mut s));
-}
-
-/// A loopback address whose connects stay pending: a listener with backlog
-/// 0 whose queue we fill ourselves, so the kernel drops further SYNs.
-fn unresponsive_target() -> (SocketAddr, Vec<TcpStream>) {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
-    // SAFETY: listen(2) on a valid, owned descriptor.
-    unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&l), 0) };
-    let mut fill = Vec::new();
-    for _ in 0..8 {
-        if let Ok(s) = TcpStream::connect_timeout(&addr, Duration::from_millis(100)) {
-            fill.push(s);
-        }
-    }
-    std::mem::forget(l);
-    (addr, fill)
 }
 
 #[test]

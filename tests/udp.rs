@@ -266,10 +266,14 @@ fn an_idle_association_ends_and_closes_its_control_connection() {
 #[test]
 fn the_association_cap_refuses_with_0x01() {
     let proxy = Proxy::with(|c| c.max_udp_associations = Some(1));
-    let (_first, _) = associate(proxy.addr, any4());
+    let (first, _) = associate(proxy.addr, any4());
     let (mut s, rep, _) = request(proxy.addr, &[5, 3, 0, 1, 0, 0, 0, 0, 0, 0]);
     assert_eq!(rep, 1);
     assert!(closed(&mut s));
+    // A closed association gives its place back.
+    drop(first);
+    proxy.wait_sessions(0);
+    let (_again, _) = associate(proxy.addr, any4());
 }
 
 #[test]

@@ -508,3 +508,44 @@ pub fn wait_exit(child: &mut Child) -> i32 {
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+/// CPU time (user + system) a process has used, in clock ticks.
+pub fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat.rsplit(')').next().unwrap().split_whitespace().collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+/// The binary listening on a free port of 127.0.0.1, started with at most
+/// `nofile` descriptors (RLIMIT_NOFILE, hard and soft); stdout discarded,
+/// stderr as `stderr` says.
+pub fn spawn_with_nofile(nofile: u64, extra: &[&str], stderr: Stdio) -> (Spawned, SocketAddr) {
+    use std::os::unix::process::CommandExt;
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let mut cmd = Command::new(BIN);
+    cmd.args(["--listen", &addr.to_string()]).args(extra);
+    cmd.stdout(Stdio::null()).stderr(stderr);
+    // SAFETY: only setrlimit, async-signal-safe, runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            let lim = libc::rlimit { rlim_cur: nofile as libc::rlim_t, rlim_max: nofile as libc::rlim_t };
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+            Ok(())
+        });
+    }
+    (Spawned(cmd.spawn().unwrap()), addr)
+}
+
+/// A loopback address whose connects stay pending: a listener with backlog
+/// 0 whose queue we fill ourselves, so the kernel drops further SYNs. Keep
+/// the returned connections for as long as the target must stay full.
+pub fn unresponsive_target() -> (SocketAddr, Vec<TcpStream>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    // SAFETY: listen(2) on a valid, owned descriptor.
+    unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&l), 0) };
+    let fill = (0..8).filter_map(|_| TcpStream::connect_timeout(&addr, Duration::from_millis(100)).ok()).collect();
+    std::mem::forget(l);
+    (addr, fill)
+}
