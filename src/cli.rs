@@ -32,7 +32,8 @@ pub struct Cli {
     /// Bytes per relay buffer (suffixes k, m: 16k).
     #[arg(long, value_name = "BYTES", default_value = "16k", value_parser = size)]
     pub buffer_size: usize,
-    /// Threads resolving domain names (0: refuse requests by name).
+    /// Most threads resolving domain names, started on demand (0: refuse
+    /// requests by name).
     #[arg(long, value_name = "N", default_value_t = 4)]
     pub resolver_threads: usize,
     /// On SIGINT/SIGTERM, time open sessions get to finish.

@@ -35,8 +35,10 @@ pub struct Config {
     /// Bytes in each relay buffer. A direction holds one only while it has
     /// bytes in flight.
     pub buffer_size: usize,
-    /// Threads resolving domain names. 0 disables name resolution: requests
-    /// by name get REP 0x04 (IP literals still work).
+    /// The most threads resolving domain names at once. They are started on
+    /// demand (an idle server has none) and exit after 30 s without work.
+    /// 0 disables name resolution: requests by name get REP 0x04 (IP
+    /// literals still work).
     pub resolver_threads: usize,
     /// How the resolver threads look names up (default: getaddrinfo).
     pub lookup: Lookup,

@@ -7,6 +7,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
 
 /// How names are looked up: a function from `(host, port)` to the addresses
 /// to try, in order, called on the resolver threads (never on the loop), so
@@ -73,6 +74,14 @@ impl std::fmt::Debug for Lookup {
 /// Pending jobs allowed per thread before submissions are refused.
 const QUEUE_PER_THREAD: usize = 256;
 
+/// A helper with nothing to do for this long exits; the next look-up
+/// starts one again. An idle server holds no resolver threads.
+const QUIET: Duration = Duration::from_secs(30);
+
+/// Each helper's stack. getaddrinfo and NSS modules can use 64 KiB and more;
+/// this is address space: only the pages touched cost memory.
+const STACK: usize = 256 * 1024;
+
 /// What a look-up is for, carried to its answer: a dial's answer is never
 /// taken for a datagram's, nor the other way.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,6 +112,9 @@ pub(crate) struct Answer {
 struct Queue {
     jobs: VecDeque<Job>,
     closed: bool,
+    /// Helpers alive, and how many of them wait for a job.
+    running: usize,
+    idle: usize,
 }
 
 struct Shared {
@@ -111,11 +123,19 @@ struct Shared {
     answers: Mutex<Vec<Answer>>,
     waker: Arc<Waker>,
     lookup: Lookup,
+    quiet: Duration,
 }
 
+/// Starts helper `i` running `serve`.
+type Spawn = Box<dyn Fn(usize, Box<dyn FnOnce() + Send>) -> io::Result<()>>;
+
+/// The helpers are started on demand, up to `max`: a job that finds no
+/// idle helper starts one, and a helper quiet for [`QUIET`] exits.
 pub(crate) struct Resolver {
     shared: Arc<Shared>,
+    max: usize,
     cap: usize,
+    spawn: Spawn,
 }
 
 /// A poisoned lock only means a helper panicked mid-push; the data is a
@@ -125,53 +145,56 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Resolver {
-    pub(crate) fn start(threads: usize, waker: Arc<Waker>, lookup: Lookup) -> io::Result<Resolver> {
-        Resolver::start_with(threads, waker, lookup, |i, serve| {
-            std::thread::Builder::new()
-                .name(format!("slabsocks-dns-{i}"))
-                // getaddrinfo and NSS modules can use 64 KiB+ of stack; this is
-                // address space, only the pages touched cost memory.
-                .stack_size(512 * 1024)
-                .spawn(serve)
-                .map(drop)
-        })
+    /// A resolver of at most `threads` helpers; none is started yet.
+    pub(crate) fn start(threads: usize, waker: Arc<Waker>, lookup: Lookup) -> Resolver {
+        let spawn = |i: usize, serve: Box<dyn FnOnce() + Send>| {
+            std::thread::Builder::new().name(format!("slabsocks-dns-{i}")).stack_size(STACK).spawn(serve).map(drop)
+        };
+        Resolver::start_with(threads, waker, lookup, QUIET, Box::new(spawn))
     }
 
-    /// `spawn(i, serve)` runs `serve` on helper thread `i`. When one fails,
-    /// the resolver built so far is dropped, which tells the helpers
-    /// already started to exit.
-    fn start_with(
-        threads: usize,
-        waker: Arc<Waker>,
-        lookup: Lookup,
-        mut spawn: impl FnMut(usize, Box<dyn FnOnce() + Send>) -> io::Result<()>,
-    ) -> io::Result<Resolver> {
+    fn start_with(threads: usize, waker: Arc<Waker>, lookup: Lookup, quiet: Duration, spawn: Spawn) -> Resolver {
         let shared = Arc::new(Shared {
-            queue: Mutex::new(Queue { jobs: VecDeque::new(), closed: false }),
+            queue: Mutex::new(Queue { jobs: VecDeque::new(), closed: false, running: 0, idle: 0 }),
             ready: Condvar::new(),
             answers: Mutex::new(Vec::new()),
             waker,
             lookup,
+            quiet,
         });
-        let resolver = Resolver { shared, cap: threads * QUEUE_PER_THREAD };
-        for i in 0..threads {
-            let shared = Arc::clone(&resolver.shared);
-            spawn(i, Box::new(move || serve(&shared)))?;
-        }
-        Ok(resolver)
+        Resolver { shared, max: threads, cap: threads * QUEUE_PER_THREAD, spawn }
     }
 
-    /// Queues a look-up; gives the job back when the queue is full (or there
-    /// are no threads).
+    /// Queues a look-up, starting a helper when every one alive is busy.
+    /// Gives the job back when the queue is full, or when no helper is
+    /// alive and none can be started.
     pub(crate) fn submit(&self, job: Job) -> Result<(), Job> {
         let mut q = lock(&self.shared.queue);
         if q.jobs.len() >= self.cap {
             return Err(job);
         }
         q.jobs.push_back(job);
+        if q.jobs.len() > q.idle && q.running < self.max {
+            let i = q.running;
+            q.running += 1;
+            let shared = Arc::clone(&self.shared);
+            if let Err(e) = (self.spawn)(i, Box::new(move || serve(&shared))) {
+                q.running -= 1;
+                log::warn!("cannot start a resolver thread: {e}");
+                if q.running == 0 {
+                    return q.jobs.pop_back().map_or(Ok(()), Err);
+                }
+            }
+        }
         drop(q);
         self.shared.ready.notify_one();
         Ok(())
+    }
+
+    /// Helpers alive now.
+    #[cfg(test)]
+    fn running(&self) -> usize {
+        lock(&self.shared.queue).running
     }
 
     /// Moves every answer so far into `out`.
@@ -195,12 +218,20 @@ fn serve(shared: &Shared) {
             let mut q = lock(&shared.queue);
             loop {
                 if q.closed {
+                    q.running -= 1;
                     return;
                 }
                 if let Some(job) = q.jobs.pop_front() {
                     break job;
                 }
-                q = shared.ready.wait(q).unwrap_or_else(|p| p.into_inner());
+                q.idle += 1;
+                let (back, wait) = shared.ready.wait_timeout(q, shared.quiet).unwrap_or_else(|p| p.into_inner());
+                q = back;
+                q.idle -= 1;
+                if wait.timed_out() && q.jobs.is_empty() {
+                    q.running -= 1;
+                    return;
+                }
             }
         };
         let addrs = shared.lookup.resolve(&job.host, job.port);
@@ -225,27 +256,141 @@ mod tests {
     use super::*;
     use std::time::{Duration, Instant};
 
-    /// Regression: when the third helper failed to spawn, the first two
-    /// waited for jobs forever.
-    #[test]
-    fn a_failed_spawn_lets_the_started_helpers_exit() {
+    fn waker() -> (mio::Poll, Arc<Waker>) {
         let poll = mio::Poll::new().unwrap();
         let waker = Arc::new(Waker::new(poll.registry(), mio::Token(0)).unwrap());
-        let mut started = Vec::new();
-        let res = Resolver::start_with(4, waker, Lookup::system(), |i, serve| {
-            if i == 2 {
-                return Err(io::Error::other("no more threads"));
-            }
-            started.push(std::thread::spawn(serve));
-            Ok(())
-        });
-        assert!(res.is_err());
-        assert_eq!(started.len(), 2);
+        (poll, waker)
+    }
+
+    fn job(key: usize, host: &str) -> Job {
+        Job { key, id: 0, purpose: Purpose::Dial, host: host.to_string(), port: 80 }
+    }
+
+    fn real_spawn() -> Spawn {
+        Box::new(|_, serve| std::thread::Builder::new().spawn(serve).map(drop))
+    }
+
+    fn until(what: &str, mut cond: impl FnMut() -> bool) {
         let end = Instant::now() + Duration::from_secs(10);
-        while !started.iter().all(|t| t.is_finished()) {
-            assert!(Instant::now() < end, "helpers still waiting for jobs");
+        while !cond() {
+            assert!(Instant::now() < end, "timed out waiting until {what}");
             std::thread::sleep(Duration::from_millis(5));
         }
+    }
+
+    /// A look-up that blocks until the test lets it go.
+    fn gated() -> (Lookup, Arc<(Mutex<bool>, Condvar)>) {
+        let gate = Arc::new((Mutex::new(false), Condvar::new()));
+        let g = Arc::clone(&gate);
+        let lookup = Lookup::new(move |_, port| {
+            let mut open = g.0.lock().unwrap();
+            while !*open {
+                open = g.1.wait(open).unwrap();
+            }
+            Ok(vec![SocketAddr::from(([192, 0, 2, 1], port))])
+        });
+        (lookup, gate)
+    }
+
+    fn open(gate: &(Mutex<bool>, Condvar)) {
+        *gate.0.lock().unwrap() = true;
+        gate.1.notify_all();
+    }
+
+    /// No helper before the first name; one per concurrent look-up, up to
+    /// the maximum; each exits after the quiet period; the next name starts
+    /// one again.
+    #[test]
+    fn helpers_start_on_demand_and_exit_when_quiet() {
+        let (_poll, waker) = waker();
+        let (lookup, gate) = gated();
+        let resolver = Resolver::start_with(2, waker, lookup, Duration::from_millis(100), real_spawn());
+        assert_eq!(resolver.running(), 0);
+        for key in 0..3 {
+            assert!(resolver.submit(job(key, "a")).is_ok());
+        }
+        assert_eq!(resolver.running(), 2, "three blocked look-ups, two helpers at most");
+        open(&gate);
+        let mut answers = Vec::new();
+        until("three answers", || {
+            resolver.drain(&mut answers);
+            answers.len() == 3
+        });
+        until("the helpers exit", || resolver.running() == 0);
+        assert!(resolver.submit(job(3, "a")).is_ok());
+        assert_eq!(resolver.running(), 1);
+        until("the fourth answer", || {
+            resolver.drain(&mut answers);
+            answers.len() == 4
+        });
+    }
+
+    /// An idle helper takes the next job: no second thread for look-ups
+    /// that do not overlap.
+    #[test]
+    fn an_idle_helper_is_reused() {
+        let (_poll, waker) = waker();
+        let resolver = Resolver::start_with(
+            4,
+            waker,
+            Lookup::new(|_, p| Ok(vec![SocketAddr::from(([192, 0, 2, 1], p))])),
+            QUIET,
+            real_spawn(),
+        );
+        let mut answers = Vec::new();
+        for key in 0..5 {
+            assert!(resolver.submit(job(key, "a")).is_ok());
+            until("the answer", || {
+                resolver.drain(&mut answers);
+                answers.len() == key + 1
+            });
+            until("the helper waits again", || lock(&resolver.shared.queue).idle == 1);
+        }
+        assert_eq!(resolver.running(), 1);
+    }
+
+    /// When no helper can be started the job comes back (the session is
+    /// answered at once); with one alive it waits its turn.
+    #[test]
+    fn a_failed_spawn_gives_the_job_back_only_when_no_helper_is_alive() {
+        let (_poll, waker) = waker();
+        let none: Spawn = Box::new(|_, _| Err(io::Error::other("no more threads")));
+        let resolver = Resolver::start_with(4, Arc::clone(&waker), Lookup::system(), QUIET, none);
+        assert!(resolver.submit(job(0, "a")).is_err());
+        assert_eq!(resolver.running(), 0);
+        assert!(lock(&resolver.shared.queue).jobs.is_empty());
+
+        let (lookup, gate) = gated();
+        let first_only: Spawn = Box::new(|i, serve| match i {
+            0 => std::thread::Builder::new().spawn(serve).map(drop),
+            _ => Err(io::Error::other("no more threads")),
+        });
+        let resolver = Resolver::start_with(4, waker, lookup, QUIET, first_only);
+        assert!(resolver.submit(job(0, "a")).is_ok());
+        until("the helper is busy", || lock(&resolver.shared.queue).jobs.is_empty());
+        assert!(resolver.submit(job(1, "a")).is_ok(), "queued behind the live helper");
+        assert_eq!(resolver.running(), 1);
+        open(&gate);
+        let mut answers = Vec::new();
+        until("both answers", || {
+            resolver.drain(&mut answers);
+            answers.len() == 2
+        });
+    }
+
+    /// Dropping the resolver lets every helper exit.
+    #[test]
+    fn dropping_the_resolver_stops_the_helpers() {
+        let (_poll, waker) = waker();
+        let resolver = Resolver::start_with(3, waker, Lookup::system(), QUIET, real_spawn());
+        let shared = Arc::clone(&resolver.shared);
+        for key in 0..3 {
+            assert!(resolver.submit(job(key, "localhost")).is_ok());
+        }
+        until("the jobs are done", || lock(&shared.answers).len() == 3);
+        assert!(lock(&shared.queue).running > 0);
+        drop(resolver);
+        until("the helpers exit", || lock(&shared.queue).running == 0);
     }
 
     /// A look-up that panics fails that name, and the next name is still
@@ -256,9 +401,8 @@ mod tests {
             "boom" => panic!("embedder bug"),
             _ => Ok(vec![SocketAddr::from(([192, 0, 2, 1], port))]),
         });
-        let poll = mio::Poll::new().unwrap();
-        let waker = Arc::new(Waker::new(poll.registry(), mio::Token(0)).unwrap());
-        let resolver = Resolver::start(1, waker, lookup).unwrap();
+        let (_poll, waker) = waker();
+        let resolver = Resolver::start(1, waker, lookup);
         for (key, host) in [(0, "boom"), (1, "fine")] {
             let job = Job { key, id: 0, purpose: Purpose::Dial, host: host.to_string(), port: 80 };
             assert!(resolver.submit(job).is_ok());

@@ -162,13 +162,13 @@ impl Server {
     pub fn run(self) -> io::Result<()> {
         let resolver = match self.config.resolver_threads {
             0 => None,
-            n => Some(Resolver::start(n, Arc::clone(&self.waker), self.config.lookup.clone())?),
+            n => Some(Resolver::start(n, Arc::clone(&self.waker), self.config.lookup.clone())),
         };
         let c = &self.config;
         let r = &c.rules;
         info!(
             "listening on {:?}; backlog {}, max connections {}, buffer {} B, handshake timeout {:?}, connect timeout {:?}, \
-             idle timeout {}, resolver threads {}; login {}; rules: {} client, {} exempt, {} allow-dest, {} deny-dest{}",
+             idle timeout {}, resolver threads up to {}; login {}; rules: {} client, {} exempt, {} allow-dest, {} deny-dest{}",
             self.addrs,
             self.backlog.map_or("as made".to_string(), |b| b.to_string()),
             self.max_conns,

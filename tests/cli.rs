@@ -352,3 +352,29 @@ fn log_lines_name_sessions_by_distinct_ids() {
         assert!(text.lines().any(|l| l.contains(&format!("{id} closed: "))), "{id} never closed:\n{text}");
     }
 }
+
+fn dns_threads(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|name| name.starts_with("slabsocks-dns"))
+        .count()
+}
+
+/// An idle server holds no resolver thread (issue 11: the appliance's idle
+/// memory); the first request by name starts one, which serves it; CONNECTs
+/// by address never need one.
+#[test]
+fn resolver_threads_start_on_the_first_name() {
+    let (child, addr) = spawn(&["--resolver-threads", "4"]);
+    let echo = echo_server("127.0.0.1:0");
+    let mut s = open(addr, echo);
+    s.write_all(b"ping").unwrap();
+    expect(&mut s, b"ping");
+    assert_eq!(dns_threads(child.id()), 0, "a resolver thread before any name");
+    let (mut s, rep, _) = request(addr, &connect_domain("localhost", echo.port()));
+    assert_eq!(rep, 0);
+    s.write_all(b"pong").unwrap();
+    expect(&mut s, b"pong");
+    assert_eq!(dns_threads(child.id()), 1);
+}
