@@ -1,6 +1,7 @@
 //! Fixed buffers and the pool they are borrowed from, and the one place
 //! where socket I/O results are folded.
 
+use crate::pipe::Pipes;
 use std::io::{self, Read, Write};
 
 /// A fixed buffer. Its length never changes after allocation; it says which
@@ -19,6 +20,8 @@ pub(crate) const HANDSHAKE_BUF: usize = 1024;
 /// whole period, so the peak is not kept forever.
 pub(crate) struct Pool {
     size: usize,
+    /// Kernel pipes for splicing, borrowed the same way.
+    pub(crate) pipes: Pipes,
     relay: FreeList,
     handshake: FreeList,
     udp: FreeList,
@@ -60,11 +63,16 @@ impl Pool {
     pub(crate) fn new(size: usize) -> Pool {
         Pool {
             size,
+            pipes: Pipes::off(),
             relay: FreeList::default(),
             handshake: FreeList::default(),
             udp: FreeList::default(),
             http: FreeList::default(),
         }
+    }
+
+    pub(crate) fn with_pipes(size: usize, pipes: Pipes) -> Pool {
+        Pool { pipes, ..Pool::new(size) }
     }
 
     pub(crate) fn relay(&mut self) -> Buf {
@@ -106,7 +114,7 @@ impl Pool {
         if freed > 0 {
             release_to_os();
         }
-        freed
+        freed + self.pipes.trim()
     }
 
     /// Takes a buffer back, into the list of its size.

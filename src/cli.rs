@@ -26,9 +26,18 @@ pub struct Cli {
     /// Listen backlog: connections queued in the kernel until accepted [default: net.core.somaxconn].
     #[arg(long, value_name = "N")]
     pub backlog: Option<u32>,
-    /// Sessions held at once [default: from the open-file limit, 2 per session].
+    /// Sessions held at once [default: from the open-file limit, 2 per session, after the pipes' share].
     #[arg(long, value_name = "N")]
     pub max_connections: Option<usize>,
+    /// Relay by copying through buffers only, never splice(2) through pipes.
+    #[arg(long)]
+    pub no_splice: bool,
+    /// Pipes open at once for splicing [default: an eighth of the open-file limit, 2 per pipe].
+    #[arg(long, value_name = "N")]
+    pub max_pipes: Option<usize>,
+    /// Capacity asked of each pipe (suffixes k, m; 0: the kernel's 64k).
+    #[arg(long, value_name = "BYTES", default_value = "0", value_parser = size)]
+    pub pipe_size: usize,
     /// Bytes per relay buffer (suffixes k, m: 16k).
     #[arg(long, value_name = "BYTES", default_value = "16k", value_parser = size)]
     pub buffer_size: usize,
@@ -113,6 +122,9 @@ impl Cli {
             idle_timeout: (!self.idle_timeout.is_zero()).then_some(self.idle_timeout),
             backlog: self.backlog,
             max_connections: self.max_connections,
+            splice: !self.no_splice,
+            max_pipes: self.max_pipes,
+            pipe_size: self.pipe_size,
             buffer_size: self.buffer_size,
             resolver_threads: self.resolver_threads,
             lookup: slabsocks::Lookup::system(),

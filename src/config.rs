@@ -30,8 +30,18 @@ pub struct Config {
     /// [`crate::Server::from_listener`] keep the backlog they were made with.
     pub backlog: Option<u32>,
     /// Sessions held at once. `None`: derived from RLIMIT_NOFILE (two
-    /// descriptors a session, less headroom).
+    /// descriptors a session, less headroom and the pipes' share).
     pub max_connections: Option<usize>,
+    /// Relay through kernel pipes with `splice(2)` (Linux; elsewhere this
+    /// does nothing). A direction holds a pipe only while it has bytes in
+    /// flight, and copies through a buffer when no pipe can be had.
+    pub splice: bool,
+    /// Pipes open at once, lent and free. `None`: an eighth of
+    /// RLIMIT_NOFILE's descriptors (two a pipe).
+    pub max_pipes: Option<usize>,
+    /// Capacity asked of each pipe (`F_SETPIPE_SZ`, rounded up to pages);
+    /// 0 keeps the kernel's default (64 KiB).
+    pub pipe_size: usize,
     /// Bytes in each relay buffer. A direction holds one only while it has
     /// bytes in flight.
     pub buffer_size: usize,
@@ -95,6 +105,9 @@ impl Default for Config {
             idle_timeout: None,
             backlog: None,
             max_connections: None,
+            splice: true,
+            max_pipes: None,
+            pipe_size: 0,
             buffer_size: 16 * 1024,
             resolver_threads: 4,
             lookup: Lookup::system(),
@@ -153,6 +166,9 @@ impl Config {
                 "buffer size {} is outside {MIN_BUFFER_SIZE}..={MAX_BUFFER_SIZE}",
                 self.buffer_size
             )));
+        }
+        if self.pipe_size > MAX_BUFFER_SIZE {
+            return Err(ConfigError(format!("pipe size {} is above {MAX_BUFFER_SIZE}", self.pipe_size)));
         }
         if self.backlog.is_some_and(|b| b == 0 || b > i32::MAX as u32) {
             return err("the backlog must be between 1 and 2147483647");
@@ -235,6 +251,7 @@ mod tests {
         let bad = [
             Config { listen: vec![], ..Config::default() },
             Config { buffer_size: 100, ..Config::default() },
+            Config { pipe_size: MAX_BUFFER_SIZE + 1, ..Config::default() },
             Config { max_connections: Some(0), ..Config::default() },
             Config { backlog: Some(0), ..Config::default() },
             Config { bind_timeout: Duration::ZERO, ..Config::default() },

@@ -29,6 +29,7 @@ mod buf;
 mod config;
 mod conn;
 mod limits;
+mod pipe;
 pub mod proto;
 mod resolver;
 pub mod rules;

@@ -6,6 +6,7 @@ use crate::buf::{Pool, TRIM_PERIOD};
 use crate::config::Config;
 use crate::conn::{BindSettings, Conn, Ctx, Dialects, Env, Ready, Step, UdpSettings};
 use crate::limits::Limits;
+use crate::pipe::Pipes;
 use crate::resolver::Purpose;
 use crate::resolver::{Answer, Resolver};
 use crate::sys;
@@ -71,6 +72,7 @@ pub struct Server {
     /// The listen backlog in force, when we made the listeners.
     backlog: Option<u32>,
     max_conns: usize,
+    max_pipes: usize,
     waker: Arc<Waker>,
     shared: Arc<Shared>,
 }
@@ -130,17 +132,18 @@ impl Server {
             poll.registry().register(l, token::listener(i), Interest::READABLE)?;
         }
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
-        let max_conns = match config.max_connections {
-            Some(n) => n,
-            None => sys::max_connections_for(sys::nofile_limit()?),
-        }
-        .min(MAX_KEY);
+        let max_pipes = if config.splice { config.max_pipes } else { Some(0) };
+        let (max_conns, max_pipes) = match (config.max_connections, max_pipes) {
+            (Some(conns), Some(pipes)) => (conns, pipes),
+            (conns, pipes) => sys::budgets(sys::nofile_limit()?, conns, pipes),
+        };
+        let max_conns = max_conns.min(MAX_KEY);
         let shared = Arc::new(Shared {
             stop: AtomicBool::new(false),
             sessions: AtomicUsize::new(0),
             new_users: Mutex::new(None),
         });
-        Ok(Server { poll, listeners, addrs, config, backlog: None, max_conns, waker, shared })
+        Ok(Server { poll, listeners, addrs, config, backlog: None, max_conns, max_pipes, waker, shared })
     }
 
     /// The bound addresses, in `config.listen` order.
@@ -167,12 +170,17 @@ impl Server {
         let c = &self.config;
         let r = &c.rules;
         info!(
-            "listening on {:?}; backlog {}, max connections {}, buffer {} B, handshake timeout {:?}, connect timeout {:?}, \
+            "listening on {:?}; backlog {}, max connections {}, buffer {} B, splice {}, handshake timeout {:?}, connect timeout {:?}, \
              idle timeout {}, resolver threads up to {}; login {}; rules: {} client, {} exempt, {} allow-dest, {} deny-dest{}",
             self.addrs,
             self.backlog.map_or("as made".to_string(), |b| b.to_string()),
             self.max_conns,
             c.buffer_size,
+            match (self.max_pipes, c.pipe_size) {
+                (0, _) => "off".to_string(),
+                (n, 0) => format!("up to {n} pipes"),
+                (n, size) => format!("up to {n} pipes of {size} B"),
+            },
             c.handshake_timeout,
             c.connect_timeout,
             c.idle_timeout.map_or("off".to_string(), |d| format!("{d:?}")),
@@ -195,7 +203,7 @@ impl Server {
         ];
         let env = Env {
             timers: Timers::new(now, durations),
-            pool: Pool::new(c.buffer_size),
+            pool: Pool::with_pipes(c.buffer_size, Pipes::new(self.max_pipes, c.pipe_size)),
             resolver,
             users: c.users.clone(),
             rules: c.rules.clone(),

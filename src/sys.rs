@@ -53,6 +53,22 @@ pub fn max_connections_for(nofile: u64) -> usize {
     usize::try_from(n).unwrap_or(usize::MAX).max(1)
 }
 
+/// Pipes for splicing that `nofile` descriptors set aside: an eighth of
+/// them, two descriptors a pipe. Only directions with bytes in flight hold
+/// one, so this serves that many busy directions at once; the others copy.
+pub fn max_pipes_for(nofile: u64) -> usize {
+    usize::try_from(nofile / 16).unwrap_or(usize::MAX)
+}
+
+/// The session and pipe budgets for `nofile` descriptors, each as
+/// configured or derived: pipes take their share first, sessions the rest.
+pub fn budgets(nofile: u64, max_connections: Option<usize>, max_pipes: Option<usize>) -> (usize, usize) {
+    let pipes = max_pipes.unwrap_or_else(|| max_pipes_for(nofile));
+    let pipe_fds = u64::try_from(pipes).unwrap_or(u64::MAX).saturating_mul(2);
+    let conns = max_connections.unwrap_or_else(|| max_connections_for(nofile.saturating_sub(pipe_fds)));
+    (conns, pipes)
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -60,6 +76,11 @@ mod tests {
         assert_eq!(super::max_connections_for(20_000), 9_968);
         assert_eq!(super::max_connections_for(1024), 480);
         assert_eq!(super::max_connections_for(10), 1);
+        // An eighth for pipes, the rest for sessions.
+        assert_eq!(super::budgets(20_000, None, None), (8_718, 1_250));
+        assert_eq!(super::budgets(20_000, None, Some(0)), (9_968, 0));
+        assert_eq!(super::budgets(20_000, Some(100), None), (100, 1_250));
+        assert_eq!(super::budgets(20_000, None, Some(100)), (9_868, 100));
         assert!(super::nofile_limit().unwrap() > 0);
         assert!(super::somaxconn() >= 128);
     }

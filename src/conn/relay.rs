@@ -1,8 +1,10 @@
-//! Both directions of an established session, through fixed buffers.
+//! Both directions of an established session, through kernel pipes
+//! (`splice`, Linux) or fixed buffers.
 //!
-//! A direction borrows a buffer from the pool when it reads and gives it
-//! back as soon as everything read has been written, so an idle session
-//! holds no buffer. A full buffer stops reading its source until the
+//! A direction borrows a pipe from the pool when its source has bytes, and
+//! a buffer when no pipe can be had (or while bytes that came with the
+//! request still wait in one: they go first); it gives either back as soon
+//! as everything read has been written, so an idle session holds neither. A full buffer stops reading its source until the
 //! destination drains it (backpressure). An EOF is passed on as
 //! `shutdown(Write)` once the bytes before it are out (half-close).
 //!
@@ -18,16 +20,21 @@
 
 use super::{Carry, Client, Close, Ctx, Flow, Ready, Recycle, State, linger};
 use crate::buf::{Buf, Io, Pool, read, write};
+use crate::pipe::{PipeId, splice};
 use crate::timer::Kind;
 use mio::net::TcpStream;
+use std::io;
 use std::net::Shutdown;
+use std::os::fd::AsRawFd;
 
 /// Socket operations per turn before a session yields to the others.
 const BUDGET: u32 = 32;
 
-/// One direction: bytes read from `src` wait in `buf[start..end]`. Its
-/// end state lives in `Relay::ends`, at the bits its `Dir` names (packed
-/// there, a session is 8 bytes smaller).
+/// One direction: bytes read from `src` wait in `buf[start..end]`, or, when
+/// it holds a pipe instead (never both), `end` bytes wait in the pipe. Its
+/// pipe and its end state live in `Relay` (packed there, a session is
+/// smaller): `Relay::pipes[0]` for TX, `[1]` for RX, and the end bits its
+/// `Dir` names.
 struct Half {
     buf: Option<Buf>,
     start: u32,
@@ -102,7 +109,115 @@ impl Half {
     /// A short read means the socket was drained, and a short write that its
     /// buffer is full: both clear the readiness bit at once, saving the
     /// `EAGAIN` round trip (epoll raises a new edge for any later arrival).
-    fn pass(&mut self, src: &mut TcpStream, dst: &mut TcpStream, dir: &Dir, p: &mut Pass<'_>) -> bool {
+    fn pass(
+        &mut self,
+        pipe: &mut Option<PipeId>,
+        src: &mut TcpStream,
+        dst: &mut TcpStream,
+        dir: &Dir,
+        p: &mut Pass<'_>,
+    ) -> bool {
+        match self.splice_pass(pipe, src, dst, dir, p) {
+            Some(moved) => moved,
+            None => self.copy_pass(src, dst, dir, p),
+        }
+    }
+
+    /// The pass through a pipe: one splice in (if the source may have
+    /// data) and one out (if the pipe holds bytes and the destination may
+    /// take them). `None` when this pass must copy instead: bytes wait in a
+    /// buffer, the destination is dead (what the source sends is read and
+    /// dropped), the source has nothing to read and no pipe is held, or no
+    /// pipe can be had.
+    ///
+    /// There is no short-read rule here: a splice into a pipe stops short
+    /// when the pipe's slots fill, which depends on how the bytes arrived.
+    /// `EAGAIN` from an empty pipe means the socket is drained; from a pipe
+    /// holding bytes it may only mean the pipe is full, so the readiness
+    /// bit stays until the pipe has been emptied and a splice into it
+    /// finds nothing.
+    fn splice_pass(
+        &mut self,
+        pipe: &mut Option<PipeId>,
+        src: &mut TcpStream,
+        dst: &mut TcpStream,
+        dir: &Dir,
+        p: &mut Pass<'_>,
+    ) -> Option<bool> {
+        let (ready, ends, pool, id) = (&mut *p.ready, &mut *p.ends, &mut *p.pool, p.id);
+        let (src_r, dst_w) = (dir.src_r, dir.dst_w);
+        if self.buf.is_some() {
+            return None;
+        }
+        if *ends & dir.dead != 0 {
+            if let Some(held) = pipe.take() {
+                pool.pipes.put(held, false);
+                self.end = 0;
+            }
+            return None;
+        }
+        let held = match *pipe {
+            Some(held) => held,
+            None if *ends & dir.eof == 0 && ready.has(src_r) => {
+                let held = pool.pipes.take()?;
+                (self.start, self.end) = (0, 0);
+                *pipe = Some(held);
+                held
+            }
+            None => return None,
+        };
+        let Some((pipe_r, pipe_w)) = pool.pipes.fds(held) else {
+            *pipe = None;
+            return None;
+        };
+        let mut moved = false;
+        if *ends & dir.eof == 0 && ready.has(src_r) {
+            match splice(src.as_raw_fd(), pipe_w, pool.pipes.chunk()) {
+                Ok(0) => {
+                    *ends |= dir.eof;
+                    moved = true;
+                }
+                Ok(n) => {
+                    self.end += n as u32;
+                    moved = true;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if self.end == 0 {
+                        ready.clear(src_r);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => moved = true,
+                Err(e) => {
+                    log::debug!("#{id} relay splice in: {e}");
+                    *ends |= dir.eof | dir.other_dead;
+                    moved = true;
+                }
+            }
+        }
+        if self.end > 0 && ready.has(dst_w) {
+            match splice(pipe_r, dst.as_raw_fd(), self.end as usize) {
+                Ok(n) if n > 0 => {
+                    self.end -= n as u32;
+                    moved = true;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => ready.clear(dst_w),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => moved = true,
+                _ => {
+                    *ends |= dir.dead;
+                    moved = true;
+                }
+            }
+        }
+        if self.end == 0 || *ends & dir.dead != 0 {
+            pool.pipes.put(held, self.end == 0);
+            *pipe = None;
+            self.end = 0;
+        }
+        Some(self.pass_eof(dst, dir, ends) || moved)
+    }
+
+    /// The pass through a buffer.
+    fn copy_pass(&mut self, src: &mut TcpStream, dst: &mut TcpStream, dir: &Dir, p: &mut Pass<'_>) -> bool {
         let (ready, ends, pool, id) = (&mut *p.ready, &mut *p.ends, &mut *p.pool, p.id);
         let (src_r, dst_w) = (dir.src_r, dir.dst_w);
         let dead = *ends & dir.dead != 0;
@@ -161,15 +276,22 @@ impl Half {
             pool.put(buf);
             (self.start, self.end) = (0, 0);
         }
-        if *ends & (dir.eof | dir.shut) == dir.eof && self.buf.is_none() {
-            if *ends & (dir.other_shut | dir.dead) == 0 {
-                // The peer may already be gone; the session ends on its own then.
-                let _ = dst.shutdown(Shutdown::Write);
-            }
-            *ends |= dir.shut;
-            moved = true;
+        self.pass_eof(dst, dir, ends) || moved
+    }
+
+    /// Passes the source's EOF on once nothing is left to deliver (no
+    /// buffer, and no pipe: both are given back when drained); true when it
+    /// did.
+    fn pass_eof(&self, dst: &mut TcpStream, dir: &Dir, ends: &mut u8) -> bool {
+        if *ends & (dir.eof | dir.shut) != dir.eof || self.buf.is_some() || self.end != 0 {
+            return false;
         }
-        moved
+        if *ends & (dir.other_shut | dir.dead) == 0 {
+            // The peer may already be gone; the session ends on its own then.
+            let _ = dst.shutdown(Shutdown::Write);
+        }
+        *ends |= dir.shut;
+        true
     }
 }
 
@@ -181,6 +303,8 @@ pub(crate) struct Relay {
     rx: Half,
     /// The `TX_*` and `RX_*` bits.
     ends: u8,
+    /// The pipe each direction holds, by `Dir::pipe`.
+    pipes: [Option<PipeId>; 2],
 }
 
 /// Whether the session is over, from the end bits alone: when the client
@@ -213,7 +337,7 @@ impl Relay {
     /// `carry`: client bytes that came with the request, sent first.
     pub(crate) fn new(up: TcpStream, carry: Carry) -> Relay {
         let tx = Half { buf: Some(carry.buf), start: carry.start, end: carry.end };
-        Relay { up, tx, rx: Half::empty(), ends: 0 }
+        Relay { up, tx, rx: Half::empty(), ends: 0, pipes: [None; 2] }
     }
 
     pub(crate) fn step(mut self, client: &mut Client, ctx: &mut Ctx<'_>) -> (State, Flow) {
@@ -230,8 +354,9 @@ impl Relay {
         let mut moved = false;
         let mut budget = BUDGET;
         let end = loop {
-            let tx = self.tx.pass(client, &mut self.up, &TX, &mut p);
-            let rx = self.rx.pass(&mut self.up, client, &RX, &mut p);
+            let [tx_pipe, rx_pipe] = &mut self.pipes;
+            let tx = self.tx.pass(tx_pipe, client, &mut self.up, &TX, &mut p);
+            let rx = self.rx.pass(rx_pipe, &mut self.up, client, &RX, &mut p);
             if let Some(end) = end(*p.ends) {
                 break end;
             }
@@ -253,6 +378,11 @@ impl Relay {
 
 impl Recycle for Relay {
     fn recycle(self, pool: &mut Pool) {
+        for (half, pipe) in [(&self.tx, self.pipes[0]), (&self.rx, self.pipes[1])] {
+            if let Some(pipe) = pipe {
+                pool.pipes.put(pipe, half.end == 0);
+            }
+        }
         for buf in [self.tx.buf, self.rx.buf].into_iter().flatten() {
             pool.put(buf);
         }
@@ -298,6 +428,51 @@ mod tests {
             got += std::io::Read::read(&mut &_sink, &mut buf).unwrap();
         }
         assert_eq!(got, BUDGET as usize * 1024, "one turn moves its budget's worth");
+    }
+
+    /// The client's EOF read while its bytes still wait in the pipe (the
+    /// upstream is full) is passed on only after them: no FIN while a pipe
+    /// holds bytes.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn no_fin_while_the_pipe_holds_bytes() {
+        use std::io::Read;
+        let (mut client, mut client_peer) = pair();
+        let (up, mut up_peer) = pair();
+        socket2::SockRef::from(&up).set_send_buffer_size(4096).unwrap();
+        socket2::SockRef::from(&up_peer).set_recv_buffer_size(4096).unwrap();
+        let sent = vec![7u8; 64 * 1024];
+        client_peer.write_all(&sent).unwrap();
+        client_peer.shutdown(Shutdown::Write).unwrap();
+        let mut env = super::super::tests::env();
+        env.pool = Pool::with_pipes(4096, crate::pipe::Pipes::new(2, 1 << 20));
+        let poll = mio::Poll::new().unwrap();
+        let mut ctx = Ctx { registry: poll.registry(), env: &mut env, now: std::time::Instant::now(), key: 0, id: 0 };
+        let carry = Carry { buf: ctx.env.pool.relay(), start: 0, end: 0 };
+        let mut relay = Relay::new(up, carry);
+        let mut ready = Ready::default();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        for _ in 0..8 {
+            ready.set(Ready::CLIENT_R | Ready::UP_W);
+            relay.pump(&mut client, &mut ready, &mut ctx);
+        }
+        assert_ne!(relay.ends & TX_EOF, 0, "the EOF was read");
+        assert!(relay.tx.end > 0 && relay.pipes[0].is_some(), "bytes wait in the pipe");
+        assert_eq!(relay.ends & TX_SHUT, 0, "the FIN waits for them");
+        // The upstream reads; everything arrives, then the EOF.
+        up_peer.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            up_peer.read_to_end(&mut got).map(|_| got)
+        });
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while relay.ends & TX_SHUT == 0 {
+            assert!(std::time::Instant::now() < end, "the FIN was never passed on");
+            ready.set(Ready::UP_W);
+            relay.pump(&mut client, &mut ready, &mut ctx);
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert_eq!(reader.join().unwrap().unwrap(), sent);
     }
 
     /// A relay that closes gives every buffer it holds back to the pool.
