@@ -652,6 +652,59 @@ fn tree(root: u32) -> Vec<u32> {
     pids
 }
 
+/// CPU time (user + system, seconds) used so far by the proxy's process
+/// tree (Dante forks workers); `None` for the direct connection.
+fn cpu_secs(t: &Target) -> Option<f64> {
+    let pid = t.child.as_ref()?.id();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let ticks: u64 = tree(pid)
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/stat")).ok())
+        .map(|stat| {
+            let f: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+            f.get(11).and_then(|u| u.parse::<u64>().ok()).unwrap_or(0)
+                + f.get(12).and_then(|u| u.parse::<u64>().ok()).unwrap_or(0)
+        })
+        .sum();
+    Some(ticks as f64 / hz)
+}
+
+/// Runs `f`; returns its result and the proxy's CPU cores used meanwhile
+/// (CPU seconds over wall seconds; NaN for the direct connection).
+fn with_cpu<R>(t: &Target, f: impl FnOnce() -> R) -> (R, f64) {
+    let (c0, t0) = (cpu_secs(t), Instant::now());
+    let r = f();
+    let cores = match (c0, cpu_secs(t)) {
+        (Some(a), Some(b)) => (b - a) / t0.elapsed().as_secs_f64(),
+        _ => f64::NAN,
+    };
+    (r, cores)
+}
+
+/// System calls the proxy makes per MiB relayed, counted by `strace -c -f`
+/// over one transfer of `mib` MiB.
+fn syscalls_per_mib(t: &Target, sink: SocketAddr, mib: usize) -> Option<f64> {
+    let (proxy, pid) = (t.proxy?, t.child.as_ref()?.id());
+    let out = std::env::temp_dir().join(format!("slabsocks-bench-strace-mib-{pid}"));
+    let mut cmd = Command::new("strace");
+    cmd.args(["-c", "-f", "-o"]).arg(&out);
+    for p in tree(pid) {
+        cmd.args(["-p", &p.to_string()]);
+    }
+    let mut strace = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().ok()?;
+    std::thread::sleep(Duration::from_millis(500));
+    throughput(Some(proxy), sink, mib << 20);
+    std::thread::sleep(Duration::from_millis(300));
+    // SAFETY: kill(2) on the pid of a child we started.
+    unsafe { libc::kill(strace.id() as i32, libc::SIGINT) };
+    let _ = strace.wait();
+    let text = std::fs::read_to_string(&out).ok()?;
+    let _ = std::fs::remove_file(&out);
+    let total: f64 = text.lines().find(|l| l.contains(" total"))?.split_whitespace().nth(3)?.parse().ok()?;
+    Some(total / mib as f64)
+}
+
 /// System calls the proxy makes per session (connect, handshake, 64-byte
 /// echo, close), counted by `strace -c -f` over `n` sequential sessions.
 /// A count, not a time: it does not depend on how busy the machine is.
@@ -703,6 +756,27 @@ impl Samples {
         let max = self.0.iter().copied().fold(f64::NEG_INFINITY, f64::max);
         format!("{:.p$} [{:.p$}–{:.p$}]", self.median(), min, max, p = prec)
     }
+}
+
+impl Samples {
+    /// `{"median": .., "min": .., "max": .., "samples": [..]}`, NaN as null.
+    fn json(&self) -> String {
+        let num = |x: f64| if x.is_finite() { format!("{x:.3}") } else { "null".into() };
+        let min = self.0.iter().copied().fold(f64::INFINITY, f64::min);
+        let max = self.0.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let all: Vec<String> = self.0.iter().map(|&x| num(x)).collect();
+        format!(
+            "{{\"median\": {}, \"min\": {}, \"max\": {}, \"samples\": [{}]}}",
+            num(self.median()),
+            num(min),
+            num(max),
+            all.join(", ")
+        )
+    }
+}
+
+fn opt_json(x: Option<f64>) -> String {
+    x.filter(|x| x.is_finite()).map_or("null".into(), |x| format!("{x:.3}"))
 }
 
 fn machine() -> String {
@@ -896,15 +970,20 @@ fn main() {
     let mut rate: Vec<Samples> = (0..n).map(|_| Samples::default()).collect();
     let mut p50: Vec<Samples> = (0..n).map(|_| Samples::default()).collect();
     let mut p99: Vec<Samples> = (0..n).map(|_| Samples::default()).collect();
+    let mut tput_cpu: Vec<Samples> = (0..n).map(|_| Samples::default()).collect();
+    let mut rate_cpu: Vec<Samples> = (0..n).map(|_| Samples::default()).collect();
     let mut errs = vec![0u64; n];
     for round in 0..if run("relay") { rounds } else { 0 } {
         for k in 0..n {
             let i = (k + round) % n;
             let via = targets[i].proxy;
             eprintln!("  {}", targets[i].name);
-            tput[i].0.push(throughput(via, sink, mib << 20));
-            let (r, e) = session_rate(via, echo64, 1.5);
+            let (g, cores) = with_cpu(&targets[i], || throughput(via, sink, mib << 20));
+            tput[i].0.push(g);
+            tput_cpu[i].0.push(cores);
+            let ((r, e), cores) = with_cpu(&targets[i], || session_rate(via, echo64, 1.5));
             rate[i].0.push(r);
+            rate_cpu[i].0.push(cores);
             errs[i] += e;
             let (a, b) = latency(via, echo, 5000);
             p50[i].0.push(a);
@@ -937,6 +1016,10 @@ fn main() {
         .iter()
         .map(|t| if has_strace && run("syscalls") { syscalls_per_session(t, echo64, 500) } else { None })
         .collect();
+    let sys_mib: Vec<Option<f64>> = targets
+        .iter()
+        .map(|t| if has_strace && run("syscalls") { syscalls_per_mib(t, sink, 64) } else { None })
+        .collect();
     if !has_strace {
         println!("strace not installed: no system call counts");
     }
@@ -963,6 +1046,23 @@ fn main() {
             );
         }
         println!();
+        println!(
+            "{:<11} {:>22} {:>16} {:>22} {:>18} {:>14}",
+            "", "proxy CPU, tput", "Gbit/s per core", "proxy CPU, sessions", "sessions/s/core", "syscalls/MiB"
+        );
+        for (i, t) in targets.iter().enumerate() {
+            let per_core = |x: &Samples, c: &Samples| x.median() / c.median();
+            println!(
+                "{:<11} {:>22} {:>16.2} {:>22} {:>18.0} {:>14}",
+                t.name,
+                tput_cpu[i].show(2),
+                per_core(&tput[i], &tput_cpu[i]),
+                rate_cpu[i].show(2),
+                per_core(&rate[i], &rate_cpu[i]),
+                sys_mib[i].map_or("-".into(), |m| format!("{m:.1}")),
+            );
+        }
+        println!();
         println!("ratios of medians to direct (throughput and rate: higher is better; latency: lower is better)");
         for (i, t) in targets.iter().enumerate() {
             println!(
@@ -978,5 +1078,39 @@ fn main() {
     }
     if let Some(res) = udp {
         print_udp(&targets, &res, udp_secs);
+    }
+    if run("relay") || run("memory") || run("syscalls") {
+        let path = std::env::var("SLABSOCKS_BENCH_JSON").unwrap_or_else(|_| "target/bench-relay.json".into());
+        let rows: Vec<String> = targets
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                format!(
+                    "    {{\"name\": \"{}\", \"throughput_gbit\": {}, \"throughput_cores\": {}, \"sessions_per_s\": {}, \
+                     \"sessions_cores\": {}, \"rtt_p50_us\": {}, \"rtt_p99_us\": {}, \"idle_bytes_per_session\": {}, \
+                     \"syscalls_per_session\": {}, \"syscalls_per_mib\": {}, \"failed_sessions\": {}}}",
+                    t.name,
+                    tput[i].json(),
+                    tput_cpu[i].json(),
+                    rate[i].json(),
+                    rate_cpu[i].json(),
+                    p50[i].json(),
+                    p99[i].json(),
+                    opt_json(mem[i]),
+                    opt_json(sys[i]),
+                    opt_json(sys_mib[i]),
+                    errs[i],
+                )
+            })
+            .collect();
+        let json = format!(
+            "{{\n  \"machine\": \"{}\",\n  \"rounds\": {rounds},\n  \"throughput_mib\": {mib},\n  \"targets\": [\n{}\n  ]\n}}\n",
+            machine().replace('"', "'"),
+            rows.join(",\n")
+        );
+        match std::fs::write(&path, json) {
+            Ok(()) => println!("\nraw results: {path}"),
+            Err(e) => println!("\ncannot write {path}: {e}"),
+        }
     }
 }
