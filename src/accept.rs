@@ -44,6 +44,11 @@ pub(crate) struct Accept {
     /// The listen backlog, when known (for the pause warning).
     backlog: Option<u32>,
     next_id: u32,
+    /// Workers running, and this one's index: worker `w` of `n` hands out
+    /// the ids `w, w + n, w + 2n, ...`, so ids are unique across workers
+    /// (in the log above all).
+    id_step: u32,
+    worker: u32,
 }
 
 /// What one call to [`Accept::accept`] leaves.
@@ -58,7 +63,15 @@ pub(crate) enum Accepted {
 impl Accept {
     pub(crate) fn new(listeners: Vec<TcpListener>, max_conns: usize, backlog: Option<u32>) -> Accept {
         let resume_at = max_conns - max_conns / 10 - 1;
-        Accept { listeners, gate: Gate::Open, max_conns, resume_at, backlog, next_id: 0 }
+        Accept { listeners, gate: Gate::Open, max_conns, resume_at, backlog, next_id: 0, id_step: 1, worker: 0 }
+    }
+
+    /// This is worker `worker` of `workers`.
+    pub(crate) fn worker(mut self, worker: usize, workers: usize) -> Accept {
+        self.id_step = u32::try_from(workers).unwrap_or(1).max(1);
+        self.worker = u32::try_from(worker).unwrap_or(0);
+        self.next_id = self.worker & ID_MAX;
+        self
     }
 
     pub(crate) fn listeners(&self) -> usize {
@@ -66,10 +79,10 @@ impl Accept {
     }
 
     /// The id for the next session: ids count up through 31 bits, so a slot
-    /// sees an id again only after 2^31 sessions.
+    /// sees an id again only after 2^31 sessions (of all workers).
     fn next_id(&mut self) -> u32 {
         let id = self.next_id;
-        self.next_id = if id == ID_MAX { 0 } else { id + 1 };
+        self.next_id = id.wrapping_add(self.id_step) & ID_MAX;
         id
     }
 
@@ -148,7 +161,7 @@ impl Accept {
             env.limits.release(key, 0);
             return;
         }
-        debug!("#{id} accepted from {peer} (slot {key})");
+        debug!("#{id} accepted from {peer} (worker {}, slot {key})", self.worker);
         let exempt = env.rules.auth_exempt(peer.ip());
         conns.insert(Conn::new(id, stream, exempt, &mut env.pool));
         env.open = conns.len();
@@ -222,6 +235,21 @@ mod tests {
         }
         a.next_id = ID_MAX - 1;
         assert_eq!((a.next_id(), a.next_id(), a.next_id()), (ID_MAX - 1, ID_MAX, 0));
+    }
+
+    /// Workers hand out disjoint ids: worker w of n counts w, w + n, ...
+    #[test]
+    fn workers_hand_out_disjoint_ids() {
+        let mut seen = std::collections::HashSet::new();
+        for w in 0..3 {
+            let mut a = Accept::new(Vec::new(), 10, None).worker(w, 3);
+            for _ in 0..100 {
+                assert!(seen.insert(a.next_id()), "an id given twice");
+            }
+        }
+        assert_eq!(seen.len(), 300);
+        let mut a = Accept::new(Vec::new(), 10, None).worker(1, 2);
+        assert_eq!((a.next_id(), a.next_id()), (1, 3));
     }
 
     #[test]

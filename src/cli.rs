@@ -26,6 +26,9 @@ pub struct Cli {
     /// Listen backlog: connections queued in the kernel until accepted [default: net.core.somaxconn].
     #[arg(long, value_name = "N")]
     pub backlog: Option<u32>,
+    /// Independent loops, each with its own SO_REUSEPORT listener [default: one per CPU the process may use].
+    #[arg(long, value_name = "N")]
+    pub workers: Option<usize>,
     /// Sessions held at once [default: from the open-file limit, 2 per session, after the pipes' share].
     #[arg(long, value_name = "N")]
     pub max_connections: Option<usize>,
@@ -121,6 +124,7 @@ impl Cli {
             connect_timeout: self.connect_timeout,
             idle_timeout: (!self.idle_timeout.is_zero()).then_some(self.idle_timeout),
             backlog: self.backlog,
+            workers: self.workers.unwrap_or_else(|| slabsocks::sys::cpus().min(slabsocks::MAX_WORKERS)),
             max_connections: self.max_connections,
             splice: !self.no_splice,
             max_pipes: self.max_pipes,

@@ -29,6 +29,12 @@ pub struct Config {
     /// `net.core.somaxconn`. Listeners handed in through
     /// [`crate::Server::from_listener`] keep the backlog they were made with.
     pub backlog: Option<u32>,
+    /// Independent loops, each on its own thread with its own listener
+    /// (`SO_REUSEPORT`: the kernel spreads new connections between them),
+    /// slab, timers and pools; `max_connections` and `max_pipes` are split
+    /// between them, the per-client and per-user limits hold across them.
+    /// The binary's default is one per CPU the process may use.
+    pub workers: usize,
     /// Sessions held at once. `None`: derived from RLIMIT_NOFILE (two
     /// descriptors a session, less headroom and the pipes' share).
     pub max_connections: Option<usize>,
@@ -104,6 +110,7 @@ impl Default for Config {
             connect_timeout: Duration::from_secs(10),
             idle_timeout: None,
             backlog: None,
+            workers: 1,
             max_connections: None,
             splice: true,
             max_pipes: None,
@@ -131,6 +138,9 @@ impl Default for Config {
         }
     }
 }
+
+/// Most workers: far beyond any core count that one process serves well.
+pub const MAX_WORKERS: usize = 256;
 
 /// Smallest relay buffer: below this, syscalls per byte cost more than the
 /// memory saved.
@@ -172,6 +182,9 @@ impl Config {
         }
         if self.backlog.is_some_and(|b| b == 0 || b > i32::MAX as u32) {
             return err("the backlog must be between 1 and 2147483647");
+        }
+        if !(1..=MAX_WORKERS).contains(&self.workers) {
+            return Err(ConfigError(format!("workers must be between 1 and {MAX_WORKERS}")));
         }
         if self.max_connections == Some(0) {
             return err("max connections must be at least 1");
@@ -252,6 +265,8 @@ mod tests {
             Config { listen: vec![], ..Config::default() },
             Config { buffer_size: 100, ..Config::default() },
             Config { pipe_size: MAX_BUFFER_SIZE + 1, ..Config::default() },
+            Config { workers: 0, ..Config::default() },
+            Config { workers: MAX_WORKERS + 1, ..Config::default() },
             Config { max_connections: Some(0), ..Config::default() },
             Config { backlog: Some(0), ..Config::default() },
             Config { bind_timeout: Duration::ZERO, ..Config::default() },

@@ -3,13 +3,25 @@
 use crate::rules::canonical;
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
 
+/// One loop's view of the limits: which address each of its sessions was
+/// counted under (by its slab key, which only means something in this
+/// loop), over counts that every loop shares. The shared counts are locked
+/// only at accept, login and close, and not at all when no limit is set.
 pub(crate) struct Limits {
+    per_client: u32,
+    per_user: u32,
+    /// The address each session was counted under, by slab key.
+    peer_of: Vec<Option<IpAddr>>,
+    counts: Arc<Mutex<Counts>>,
+}
+
+/// The counts behind the limits, shared by every worker.
+pub(crate) struct Counts {
     /// Sessions allowed per client address (0: no limit, nothing counted).
     per_client: u32,
     clients: HashMap<IpAddr, u32>,
-    /// The address each session was counted under, by slab key.
-    peer_of: Vec<Option<IpAddr>>,
     /// Sessions allowed per user (0: no limit, nothing counted).
     per_user: u32,
     /// User names to ids (from 1); kept across users-file reloads, so a
@@ -19,16 +31,32 @@ pub(crate) struct Limits {
     user_sessions: Vec<u32>,
 }
 
-impl Limits {
-    pub(crate) fn new(per_client: Option<u32>, per_user: Option<u32>) -> Limits {
-        Limits {
+impl Counts {
+    pub(crate) fn new(per_client: Option<u32>, per_user: Option<u32>) -> Arc<Mutex<Counts>> {
+        Arc::new(Mutex::new(Counts {
             per_client: per_client.unwrap_or(0),
             clients: HashMap::new(),
-            peer_of: Vec::new(),
             per_user: per_user.unwrap_or(0),
             user_ids: HashMap::new(),
             user_sessions: Vec::new(),
-        }
+        }))
+    }
+}
+
+impl Limits {
+    /// Limits of one loop alone.
+    #[cfg(test)]
+    pub(crate) fn new(per_client: Option<u32>, per_user: Option<u32>) -> Limits {
+        Limits::over(Counts::new(per_client, per_user))
+    }
+
+    /// Limits of one loop over counts shared with others.
+    pub(crate) fn over(counts: Arc<Mutex<Counts>>) -> Limits {
+        let (per_client, per_user) = {
+            let c = lock(&counts);
+            (c.per_client, c.per_user)
+        };
+        Limits { per_client, per_user, peer_of: Vec::new(), counts }
     }
 
     /// Counts a new session from `ip` in slot `key`; false (and nothing
@@ -38,11 +66,14 @@ impl Limits {
             return true;
         }
         let ip = canonical(ip);
-        let n = self.clients.entry(ip).or_insert(0);
-        if *n >= self.per_client {
-            return false;
+        {
+            let mut c = lock(&self.counts);
+            let n = c.clients.entry(ip).or_insert(0);
+            if *n >= self.per_client {
+                return false;
+            }
+            *n += 1;
         }
-        *n += 1;
         if self.peer_of.len() <= key {
             self.peer_of.resize(key + 1, None);
         }
@@ -56,12 +87,13 @@ impl Limits {
         if self.per_user == 0 {
             return Some(0);
         }
-        let next = self.user_ids.len() as u32 + 1;
-        let id = *self.user_ids.entry(Box::from(user)).or_insert(next);
-        if self.user_sessions.len() < id as usize {
-            self.user_sessions.resize(id as usize, 0);
+        let mut c = lock(&self.counts);
+        let next = c.user_ids.len() as u32 + 1;
+        let id = *c.user_ids.entry(Box::from(user)).or_insert(next);
+        if c.user_sessions.len() < id as usize {
+            c.user_sessions.resize(id as usize, 0);
         }
-        let n = &mut self.user_sessions[id as usize - 1];
+        let n = &mut c.user_sessions[id as usize - 1];
         if *n >= self.per_user {
             return None;
         }
@@ -71,18 +103,29 @@ impl Limits {
 
     /// Uncounts the session in slot `key`, logged in as `user` (0: none).
     pub(crate) fn release(&mut self, key: usize, user: u32) {
-        if let Some(ip) = self.peer_of.get_mut(key).and_then(Option::take)
-            && let Some(n) = self.clients.get_mut(&ip)
+        let ip = self.peer_of.get_mut(key).and_then(Option::take);
+        if ip.is_none() && user == 0 {
+            return;
+        }
+        let mut c = lock(&self.counts);
+        if let Some(ip) = ip
+            && let Some(n) = c.clients.get_mut(&ip)
         {
             *n -= 1;
             if *n == 0 {
-                self.clients.remove(&ip);
+                c.clients.remove(&ip);
             }
         }
-        if let Some(n) = user.checked_sub(1).and_then(|i| self.user_sessions.get_mut(i as usize)) {
+        if let Some(n) = user.checked_sub(1).and_then(|i| c.user_sessions.get_mut(i as usize)) {
             *n = n.saturating_sub(1);
         }
     }
+}
+
+/// A poisoned lock only means another worker panicked mid-update of plain
+/// counters; they stay usable.
+fn lock(m: &Mutex<Counts>) -> MutexGuard<'_, Counts> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[cfg(test)]
@@ -102,7 +145,7 @@ mod tests {
         l.release(0, 0);
         l.release(1, 0);
         l.release(1, 0); // twice is harmless
-        assert!(!l.clients.contains_key(&a));
+        assert!(!lock(&l.counts).clients.contains_key(&a));
     }
 
     #[test]
@@ -118,5 +161,27 @@ mod tests {
         let mut off = Limits::new(None, None);
         assert_eq!(off.admit_user(b"alice"), Some(0));
         assert!(off.admit_client(0, "127.0.0.1".parse().unwrap()));
+    }
+
+    /// Two loops over the same counts: a client's sessions count together
+    /// wherever they were accepted, and each loop releases its own slots.
+    #[test]
+    fn shared_between_loops() {
+        let counts = Counts::new(Some(2), Some(1));
+        let (mut one, mut two) = (Limits::over(Arc::clone(&counts)), Limits::over(counts));
+        let a: IpAddr = "127.0.0.2".parse().unwrap();
+        assert!(one.admit_client(0, a));
+        assert!(two.admit_client(0, a), "the same slot key in another loop");
+        assert!(!one.admit_client(1, a), "the limit counts both loops");
+        assert!(!two.admit_client(1, a));
+        two.release(0, 0);
+        assert!(one.admit_client(1, a));
+        one.release(1, 0);
+        one.release(0, 0);
+        assert!(lock(&one.counts).clients.is_empty());
+        let alice = one.admit_user(b"alice").unwrap();
+        assert_eq!(two.admit_user(b"alice"), None);
+        one.release(7, alice);
+        assert_eq!(two.admit_user(b"alice"), Some(alice));
     }
 }

@@ -5,7 +5,7 @@ use crate::accept::{Accept, Accepted};
 use crate::buf::{Pool, TRIM_PERIOD};
 use crate::config::Config;
 use crate::conn::{BindSettings, Conn, Ctx, Dialects, Env, Ready, Step, UdpSettings};
-use crate::limits::Limits;
+use crate::limits::{Counts, Limits};
 use crate::pipe::Pipes;
 use crate::resolver::Purpose;
 use crate::resolver::{Answer, Resolver};
@@ -31,60 +31,89 @@ struct Shared {
     new_users: Mutex<Option<Users>>,
 }
 
-/// Stops a running [`Server`] from another thread, and reports on it.
-#[derive(Clone)]
-pub struct Handle {
+/// What another thread may touch of one loop: its waker and flags.
+struct LoopHandle {
     waker: Arc<Waker>,
     shared: Arc<Shared>,
+}
+
+/// Stops a running [`Server`] (every worker) from another thread, and
+/// reports on it.
+#[derive(Clone)]
+pub struct Handle {
+    loops: Arc<[LoopHandle]>,
 }
 
 impl Handle {
     /// Stops accepting; open sessions get `shutdown_grace` to finish, then
     /// `run` returns. Safe to call more than once, from any thread.
     pub fn shutdown(&self) {
-        self.shared.stop.store(true, Ordering::SeqCst);
-        if let Err(e) = self.waker.wake() {
-            error!("cannot wake the loop for shutdown: {e}");
+        for l in self.loops.iter() {
+            l.shared.stop.store(true, Ordering::SeqCst);
+            if let Err(e) = l.waker.wake() {
+                error!("cannot wake the loop for shutdown: {e}");
+            }
         }
     }
 
     /// Replaces the users table; sessions already open are not touched.
     /// (The binary calls this on SIGHUP after re-reading `--users`.)
     pub fn set_users(&self, users: Users) {
-        *self.shared.new_users.lock().unwrap_or_else(|p| p.into_inner()) = Some(users);
-        if let Err(e) = self.waker.wake() {
-            error!("cannot wake the loop for new users: {e}");
+        for l in self.loops.iter() {
+            *l.shared.new_users.lock().unwrap_or_else(|p| p.into_inner()) = Some(users.clone());
+            if let Err(e) = l.waker.wake() {
+                error!("cannot wake the loop for new users: {e}");
+            }
         }
     }
 
-    /// Sessions open (any state), as of the loop's last turn.
+    /// Sessions open (any state), as of each loop's last turn, summed over
+    /// the workers.
     pub fn sessions(&self) -> usize {
-        self.shared.sessions.load(Ordering::Relaxed)
+        self.loops.iter().map(|l| l.shared.sessions.load(Ordering::Relaxed)).sum()
     }
 }
 
-/// A SOCKS5 server: bound, not yet running.
-pub struct Server {
+/// One worker's loop, bound and not yet running: its own poll, listeners
+/// (one per listen address, `SO_REUSEPORT` when there are several
+/// workers), budget, waker and flags.
+struct Worker {
+    index: usize,
     poll: Poll,
     listeners: Vec<TcpListener>,
-    addrs: Vec<SocketAddr>,
-    config: Config,
-    /// The listen backlog in force, when we made the listeners.
-    backlog: Option<u32>,
     max_conns: usize,
     max_pipes: usize,
     waker: Arc<Waker>,
     shared: Arc<Shared>,
 }
 
+/// A SOCKS5 server: bound, not yet running. One loop per worker
+/// ([`Config::workers`]); they share nothing but the per-client and
+/// per-user counts and the stop and reload requests.
+pub struct Server {
+    workers: Vec<Worker>,
+    addrs: Vec<SocketAddr>,
+    config: Config,
+    /// The listen backlog in force, when we made the listeners.
+    backlog: Option<u32>,
+    counts: Arc<Mutex<Counts>>,
+    handle: Handle,
+}
+
 /// A non-blocking listener on `addr` with `SO_REUSEADDR` (a restart need not
-/// wait out TIME_WAIT) and the given backlog (mio's own bind fixes it at 128).
-fn listen(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
+/// wait out TIME_WAIT), `SO_REUSEPORT` when `shared` (one per worker, the
+/// kernel spreading connections between them) and the given backlog (mio's
+/// own bind fixes it at 128).
+fn listen(addr: SocketAddr, backlog: u32, shared: bool) -> io::Result<TcpListener> {
     use socket2::{Domain, Socket, Type};
     // socket2 sets close-on-exec itself.
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     socket.set_nonblocking(true)?;
     socket.set_reuse_address(true)?;
+    #[cfg(unix)]
+    if shared {
+        socket.set_reuse_port(true)?;
+    }
     socket.bind(&addr.into())?;
     socket.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
     Ok(TcpListener::from_std(socket.into()))
@@ -95,55 +124,81 @@ fn invalid(msg: String) -> io::Error {
 }
 
 impl Server {
-    /// Validates `config` and binds every listen address.
+    /// Validates `config` and binds every listen address, once per worker.
     pub fn bind(config: Config) -> io::Result<Server> {
         config.validate().map_err(|e| invalid(e.0))?;
         // The kernel cuts a larger backlog to somaxconn: report what holds.
         let cap = sys::somaxconn();
         let backlog = config.backlog.map_or(cap, |b| b.min(cap));
-        let mut listeners = Vec::with_capacity(config.listen.len());
-        for &addr in &config.listen {
-            let l =
-                listen(addr, backlog).map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
-            listeners.push(l);
+        let workers = config.workers;
+        let mut sets: Vec<Vec<TcpListener>> = Vec::with_capacity(workers);
+        let mut bound: Vec<SocketAddr> = Vec::with_capacity(config.listen.len());
+        for w in 0..workers {
+            let mut set = Vec::with_capacity(config.listen.len());
+            for (j, &addr) in config.listen.iter().enumerate() {
+                // Port 0 is picked by the first worker; the others join it.
+                let at = if w == 0 { addr } else { bound[j] };
+                let l = listen(at, backlog, workers > 1)
+                    .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {at}: {e}")))?;
+                if w == 0 {
+                    bound.push(l.local_addr()?);
+                }
+                set.push(l);
+            }
+            sets.push(set);
         }
-        let mut server = Server::with_listeners(listeners, config)?;
+        let mut server = Server::with_listeners(sets, config)?;
         server.backlog = Some(backlog);
         Ok(server)
     }
 
     /// Serves on a listener bound elsewhere (`config.listen` and
-    /// `config.backlog` are ignored: the listener keeps its own backlog).
+    /// `config.backlog` are ignored: the listener keeps its own backlog),
+    /// with one worker whatever `config.workers` says.
     pub fn from_listener(listener: std::net::TcpListener, config: Config) -> io::Result<Server> {
         listener.set_nonblocking(true)?;
-        Server::with_listeners(vec![TcpListener::from_std(listener)], config)
+        Server::with_listeners(vec![vec![TcpListener::from_std(listener)]], Config { workers: 1, ..config })
     }
 
-    fn with_listeners(mut listeners: Vec<TcpListener>, config: Config) -> io::Result<Server> {
+    /// `sets`: one set of listeners per worker, in the same address order.
+    fn with_listeners(sets: Vec<Vec<TcpListener>>, config: Config) -> io::Result<Server> {
         let config = Config { listen: vec![SocketAddr::from(([0, 0, 0, 0], 0))], ..config };
         config.validate().map_err(|e| invalid(e.0))?;
-        if listeners.len() > MAX_LISTENERS {
-            return Err(invalid(format!("at most {MAX_LISTENERS} listen addresses")));
-        }
-        let poll = Poll::new()?;
-        let mut addrs = Vec::with_capacity(listeners.len());
-        for (i, l) in listeners.iter_mut().enumerate() {
-            addrs.push(l.local_addr()?);
-            poll.registry().register(l, token::listener(i), Interest::READABLE)?;
-        }
-        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let max_pipes = if config.splice { config.max_pipes } else { Some(0) };
         let (max_conns, max_pipes) = match (config.max_connections, max_pipes) {
             (Some(conns), Some(pipes)) => (conns, pipes),
             (conns, pipes) => sys::budgets(sys::nofile_limit()?, conns, pipes),
         };
-        let max_conns = max_conns.min(MAX_KEY);
-        let shared = Arc::new(Shared {
-            stop: AtomicBool::new(false),
-            sessions: AtomicUsize::new(0),
-            new_users: Mutex::new(None),
-        });
-        Ok(Server { poll, listeners, addrs, config, backlog: None, max_conns, max_pipes, waker, shared })
+        // Each worker gets an equal share, at least one session: fewer
+        // workers than sessions allowed.
+        let n = sets.len().min(max_conns).max(1);
+        let mut workers = Vec::with_capacity(n);
+        let mut addrs = Vec::new();
+        for (index, mut listeners) in sets.into_iter().take(n).enumerate() {
+            if listeners.len() > MAX_LISTENERS {
+                return Err(invalid(format!("at most {MAX_LISTENERS} listen addresses")));
+            }
+            let poll = Poll::new()?;
+            for (i, l) in listeners.iter_mut().enumerate() {
+                if index == 0 {
+                    addrs.push(l.local_addr()?);
+                }
+                poll.registry().register(l, token::listener(i), Interest::READABLE)?;
+            }
+            let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+            let shared = Arc::new(Shared {
+                stop: AtomicBool::new(false),
+                sessions: AtomicUsize::new(0),
+                new_users: Mutex::new(None),
+            });
+            let share = |total: usize| total / n + usize::from(index < total % n);
+            let max_conns = share(max_conns).clamp(1, MAX_KEY);
+            workers.push(Worker { index, poll, listeners, max_conns, max_pipes: share(max_pipes), waker, shared });
+        }
+        let loops: Vec<LoopHandle> =
+            workers.iter().map(|w| LoopHandle { waker: Arc::clone(&w.waker), shared: Arc::clone(&w.shared) }).collect();
+        let counts = Counts::new(config.max_connections_per_client, config.max_connections_per_user);
+        Ok(Server { workers, addrs, config, backlog: None, counts, handle: Handle { loops: loops.into() } })
     }
 
     /// The bound addresses, in `config.listen` order.
@@ -151,47 +206,108 @@ impl Server {
         &self.addrs
     }
 
-    /// The session limit in force.
+    /// The session limit in force, summed over the workers.
     pub fn max_connections(&self) -> usize {
-        self.max_conns
+        self.workers.iter().map(|w| w.max_conns).sum()
+    }
+
+    /// Loops that will run.
+    pub fn workers(&self) -> usize {
+        self.workers.len()
     }
 
     pub fn handle(&self) -> Handle {
-        Handle { waker: Arc::clone(&self.waker), shared: Arc::clone(&self.shared) }
+        self.handle.clone()
     }
 
     /// Serves until [`Handle::shutdown`]; then lets open sessions finish for
-    /// the grace period and returns.
+    /// the grace period and returns. Worker 0 runs on this thread, the
+    /// others on threads of their own; a worker that fails stops them all.
     pub fn run(self) -> io::Result<()> {
-        let resolver = match self.config.resolver_threads {
+        let Server { workers, addrs, config, backlog, counts, handle } = self;
+        log_start(&config, &addrs, backlog, &workers);
+        let n = workers.len();
+        let mut rest = Vec::with_capacity(workers.len().saturating_sub(1));
+        let mut workers = workers.into_iter();
+        let Some(first) = workers.next() else { return Ok(()) };
+        for w in workers {
+            let (config, counts, all) = (config.clone(), Arc::clone(&counts), handle.clone());
+            let index = w.index;
+            let spawned = std::thread::Builder::new().name(format!("slabsocks-w{index}")).spawn(move || {
+                let r = w.run(config, counts, n, backlog);
+                if r.is_err() {
+                    all.shutdown();
+                }
+                r
+            });
+            match spawned {
+                Ok(t) => rest.push(t),
+                Err(e) => {
+                    handle.shutdown();
+                    for t in rest {
+                        let _ = t.join();
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        let mut result = first.run(config, counts, n, backlog);
+        if result.is_err() {
+            handle.shutdown();
+        }
+        for t in rest {
+            let r = t.join().unwrap_or_else(|_| Err(io::Error::other("a worker panicked")));
+            if result.is_ok() {
+                result = r;
+            }
+        }
+        result
+    }
+}
+
+/// The start-up line: what is in force.
+fn log_start(c: &Config, addrs: &[SocketAddr], backlog: Option<u32>, workers: &[Worker]) {
+    let r = &c.rules;
+    let max_conns: usize = workers.iter().map(|w| w.max_conns).sum();
+    let max_pipes: usize = workers.iter().map(|w| w.max_pipes).sum();
+    info!(
+        "listening on {:?}; {} worker{}, backlog {}, max connections {}, buffer {} B, splice {}, handshake timeout {:?}, \
+         connect timeout {:?}, idle timeout {}, resolver threads up to {}{}; login {}; rules: {} client, {} exempt, \
+         {} allow-dest, {} deny-dest{}",
+        addrs,
+        workers.len(),
+        if workers.len() == 1 { "" } else { "s" },
+        backlog.map_or("as made".to_string(), |b| b.to_string()),
+        max_conns,
+        c.buffer_size,
+        match (max_pipes, c.pipe_size) {
+            (0, _) => "off".to_string(),
+            (n, 0) => format!("up to {n} pipes"),
+            (n, size) => format!("up to {n} pipes of {size} B"),
+        },
+        c.handshake_timeout,
+        c.connect_timeout,
+        c.idle_timeout.map_or("off".to_string(), |d| format!("{d:?}")),
+        c.resolver_threads,
+        if workers.len() > 1 { " per worker" } else { "" },
+        c.users.as_ref().map_or("not required".to_string(), |u| format!("required ({} users)", u.len())),
+        r.allow_client.len(),
+        r.auth_exempt.len(),
+        r.allow_dest.len(),
+        r.deny_dest.len(),
+        if r.deny_private_dest { ", private destinations denied" } else { "" },
+    );
+}
+
+impl Worker {
+    /// Runs this loop, one of `workers`; `backlog` is the listeners' (for
+    /// the log), when we made them.
+    fn run(self, config: Config, counts: Arc<Mutex<Counts>>, workers: usize, backlog: Option<u32>) -> io::Result<()> {
+        let c = &config;
+        let resolver = match c.resolver_threads {
             0 => None,
-            n => Some(Resolver::start(n, Arc::clone(&self.waker), self.config.lookup.clone())),
+            n => Some(Resolver::start(n, Arc::clone(&self.waker), c.lookup.clone())),
         };
-        let c = &self.config;
-        let r = &c.rules;
-        info!(
-            "listening on {:?}; backlog {}, max connections {}, buffer {} B, splice {}, handshake timeout {:?}, connect timeout {:?}, \
-             idle timeout {}, resolver threads up to {}; login {}; rules: {} client, {} exempt, {} allow-dest, {} deny-dest{}",
-            self.addrs,
-            self.backlog.map_or("as made".to_string(), |b| b.to_string()),
-            self.max_conns,
-            c.buffer_size,
-            match (self.max_pipes, c.pipe_size) {
-                (0, _) => "off".to_string(),
-                (n, 0) => format!("up to {n} pipes"),
-                (n, size) => format!("up to {n} pipes of {size} B"),
-            },
-            c.handshake_timeout,
-            c.connect_timeout,
-            c.idle_timeout.map_or("off".to_string(), |d| format!("{d:?}")),
-            c.resolver_threads,
-            c.users.as_ref().map_or("not required".to_string(), |u| format!("required ({} users)", u.len())),
-            r.allow_client.len(),
-            r.auth_exempt.len(),
-            r.allow_dest.len(),
-            r.deny_dest.len(),
-            if r.deny_private_dest { ", private destinations denied" } else { "" },
-        );
         let now = Instant::now();
         let durations = [
             Some(c.handshake_timeout),
@@ -207,7 +323,7 @@ impl Server {
             resolver,
             users: c.users.clone(),
             rules: c.rules.clone(),
-            limits: Limits::new(c.max_connections_per_client, c.max_connections_per_user),
+            limits: Limits::over(counts),
             warnings: Warnings::default(),
             dialects: Dialects { socks4: c.socks4, http: c.http },
             bind: BindSettings { enabled: c.bind, ports: c.bind_ports, external: c.external_addrs.clone(), cursor: 0 },
@@ -225,10 +341,10 @@ impl Server {
             third_fd: 0,
             udp: 0,
         };
-        let Server { poll, listeners, config, backlog, max_conns, shared, .. } = self;
+        let Worker { index, poll, listeners, max_conns, shared, .. } = self;
         let mut lp = Loop {
             poll,
-            accept: Accept::new(listeners, max_conns, backlog),
+            accept: Accept::new(listeners, max_conns, backlog).worker(index, workers),
             config,
             shared,
             env,

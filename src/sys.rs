@@ -47,6 +47,12 @@ pub fn somaxconn() -> u32 {
         .unwrap_or(libc::SOMAXCONN as u32)
 }
 
+/// CPUs this process may run on: its affinity mask (`sched_getaffinity`),
+/// narrowed by a cgroup CPU quota where there is one; 1 if unknown.
+pub fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 /// Sessions that fit in `nofile` descriptors: two each (client, upstream).
 pub fn max_connections_for(nofile: u64) -> usize {
     let n = nofile.saturating_sub(FD_HEADROOM) / 2;

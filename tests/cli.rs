@@ -71,14 +71,18 @@ fn bad_users_file_and_rule_values_are_one_line_errors() {
 fn sighup_reloads_users_and_keeps_sessions() {
     let path = temp_file("hup", "alice:one\n");
     std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-    let (mut child, addr, log) = spawn_logged(&["--users", path.to_str().unwrap()]);
+    // Two workers: each swaps its table at its next wake.
+    let (mut child, addr, log) = spawn_logged(&["--users", path.to_str().unwrap(), "--workers", "2"]);
     let echo = echo_server("127.0.0.1:0");
     let (mut open, rep) = login_and_connect(addr, "alice", "one", echo);
     assert_eq!(rep, 0);
 
     std::fs::write(&path, "bob:two\n").unwrap();
     signal(&child, libc::SIGHUP);
-    eventually("bob can log in", || login(&mut connect(addr), "bob", "two") == 0);
+    log.wait_for_nth("users replaced", 2);
+    for _ in 0..20 {
+        assert_eq!(login(&mut connect(addr), "bob", "two"), 0, "bob can log in on every worker");
+    }
     assert_ne!(login(&mut connect(addr), "alice", "one"), 0, "alice was removed");
     // The session alice opened before the reload goes on.
     open.write_all(b"still here").unwrap();

@@ -127,10 +127,10 @@ impl log::Log for Accepted {
 
 /// The slab slot the server gave the client at `client` (its local address).
 fn slot_of(client: SocketAddr) -> String {
-    let key = format!(" accepted from {client} (slot ");
+    let key = format!(" accepted from {client} (worker ");
     let lines = ACCEPTED.lock().unwrap_or_else(|p| p.into_inner());
     let line = lines.iter().find(|l| l.contains(&key)).unwrap_or_else(|| panic!("no accept logged for {client}"));
-    line.rsplit("(slot ").next().unwrap_or_default().trim_end_matches(')').to_string()
+    line.rsplit(", slot ").next().unwrap_or_default().trim_end_matches(')').to_string()
 }
 
 /// A proxy whose look-ups `script` answers, on `threads` resolver threads.
