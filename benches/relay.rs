@@ -58,6 +58,8 @@ fn free_port() -> u16 {
 
 struct Target {
     name: &'static str,
+    /// How it was named on the target list (`label=path` for baselines).
+    spec: &'static str,
     /// None: the direct connection.
     proxy: Option<SocketAddr>,
     child: Option<Child>,
@@ -82,14 +84,22 @@ impl Drop for Target {
     }
 }
 
+/// Pin proxies to CPU 1 and the load to CPU 0 (the default), or let the
+/// scheduler place everything (SLABSOCKS_BENCH_PIN=0: for `--workers`).
+fn pinning() -> bool {
+    env_num("SLABSOCKS_BENCH_PIN", 1) != 0
+}
+
 fn spawn_pinned(cmd: &mut Command) -> std::io::Result<Child> {
-    // SAFETY: the closure only calls sched_setaffinity, which is
-    // async-signal-safe, between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            pin(1);
-            Ok(())
-        });
+    if pinning() {
+        // SAFETY: the closure only calls sched_setaffinity, which is
+        // async-signal-safe, between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                pin(1);
+                Ok(())
+            });
+        }
     }
     cmd.stdin(Stdio::null()).stdout(Stdio::null()).spawn()
 }
@@ -117,7 +127,7 @@ fn start_target(name: &'static str) -> Result<Target, String> {
     let port = free_port();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let (child, dir) = match name {
-        "direct" => return Ok(Target { name, proxy: None, child: None, _dir: None }),
+        "direct" => return Ok(Target { name, spec: name, proxy: None, child: None, _dir: None }),
         "slabsocks" => {
             let bin = env!("CARGO_BIN_EXE_slabsocks");
             (spawn_slabsocks(bin, addr)?, None)
@@ -156,8 +166,9 @@ fn start_target(name: &'static str) -> Result<Target, String> {
         }
         other => return Err(format!("unknown target {other}")),
     };
+    let spec = name;
     let name = name.split_once('=').map_or(name, |(label, _)| label);
-    let t = Target { name, proxy: Some(addr), child: Some(child), _dir: dir };
+    let t = Target { name, spec, proxy: Some(addr), child: Some(child), _dir: dir };
     if !wait_listening(addr) {
         return Err(format!("{name} did not start listening"));
     }
@@ -299,20 +310,30 @@ fn udp_echo_server() -> SocketAddr {
 
 // --------------------------------------------------------- measurements
 
+/// Gbit/s moved to the sink through `via`: `bytes` in all, split over
+/// SLABSOCKS_BENCH_STREAMS concurrent streams (1 by default).
 fn throughput(via: Option<SocketAddr>, sink: SocketAddr, bytes: usize) -> f64 {
-    let mut s = dial(via, sink).expect("dial sink");
-    let chunk = vec![0x42u8; 128 * 1024];
+    let streams = env_num("SLABSOCKS_BENCH_STREAMS", 1).max(1);
+    let each = bytes / streams;
+    let conns: Vec<TcpStream> = (0..streams).map(|_| dial(via, sink).expect("dial sink")).collect();
     let t0 = Instant::now();
-    s.write_all(&(bytes as u64).to_be_bytes()).expect("send");
-    let mut left = bytes;
-    while left > 0 {
-        let n = left.min(chunk.len());
-        s.write_all(&chunk[..n]).expect("send");
-        left -= n;
-    }
-    let mut k = [0u8; 1];
-    s.read_exact(&mut k).expect("sink ack");
-    (bytes as f64 * 8.0) / t0.elapsed().as_secs_f64() / 1e9
+    std::thread::scope(|scope| {
+        for mut s in conns {
+            scope.spawn(move || {
+                let chunk = vec![0x42u8; 128 * 1024];
+                s.write_all(&(each as u64).to_be_bytes()).expect("send");
+                let mut left = each;
+                while left > 0 {
+                    let n = left.min(chunk.len());
+                    s.write_all(&chunk[..n]).expect("send");
+                    left -= n;
+                }
+                let mut k = [0u8; 1];
+                s.read_exact(&mut k).expect("sink ack");
+            });
+        }
+    });
+    (each * streams) as f64 * 8.0 / t0.elapsed().as_secs_f64() / 1e9
 }
 
 const RATE_CLIENTS: usize = 8;
@@ -653,18 +674,20 @@ fn tree(root: u32) -> Vec<u32> {
 }
 
 /// CPU time (user + system, seconds) used so far by the proxy's process
-/// tree (Dante forks workers); `None` for the direct connection.
+/// tree: every thread of the proxy, its live children (Dante forks), and
+/// the children it has reaped; `None` for the direct connection.
 fn cpu_secs(t: &Target) -> Option<f64> {
     let pid = t.child.as_ref()?.id();
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     let ticks: u64 = tree(pid)
         .iter()
-        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/stat")).ok())
-        .map(|stat| {
+        .filter_map(|&p| std::fs::read_to_string(format!("/proc/{p}/stat")).ok().map(|s| (p, s)))
+        .map(|(p, stat)| {
             let f: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
-            f.get(11).and_then(|u| u.parse::<u64>().ok()).unwrap_or(0)
-                + f.get(12).and_then(|u| u.parse::<u64>().ok()).unwrap_or(0)
+            let field = |i: usize| f.get(i).and_then(|u| u.parse::<u64>().ok()).unwrap_or(0);
+            // utime, stime; and for the root, cutime and cstime (reaped children).
+            field(11) + field(12) + if p == pid { field(13) + field(14) } else { 0 }
         })
         .sum();
     Some(ticks as f64 / hz)
@@ -737,6 +760,115 @@ fn syscalls_per_session(t: &Target, echo64: SocketAddr, n: usize) -> Option<f64>
     (ok > 0).then(|| total / ok as f64)
 }
 
+/// The command that starts target `t` listening on `addr` (not pinned),
+/// for the instruction counts; `None` for the direct connection and Dante
+/// (which forks a process per client).
+fn command_for(t: &Target, addr: SocketAddr) -> Option<Vec<String>> {
+    let extra = std::env::var("SLABSOCKS_BENCH_ARGS").unwrap_or_default();
+    let slabsocks = |bin: String| {
+        let mut v = vec![bin, "--listen".into(), addr.to_string(), "--log-level".into(), "warn".into()];
+        v.extend(extra.split_whitespace().map(String::from));
+        v
+    };
+    match t.spec {
+        "slabsocks" => Some(slabsocks(env!("CARGO_BIN_EXE_slabsocks").into())),
+        "baseline" => Some(slabsocks(std::env::var("SLABSOCKS_BENCH_BASELINE").ok()?)),
+        spec if spec.contains('=') => Some(slabsocks(spec.split_once('=')?.1.into())),
+        "microsocks" => {
+            Some(vec!["microsocks".into(), "-i".into(), "127.0.0.1".into(), "-p".into(), addr.port().to_string()])
+        }
+        _ => None,
+    }
+}
+
+/// Instructions the proxy executes per MiB relayed (one 64 MiB transfer)
+/// and per session (200 sequential sessions: connect, handshake, 64-byte
+/// echo, close), counted by callgrind between a zeroing and a dump: counts,
+/// not times, the same however busy the machine is.
+fn instructions(t: &Target, sink: SocketAddr, echo64: SocketAddr) -> Option<(f64, f64)> {
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().ok()?;
+    let argv = command_for(t, addr)?;
+    let dir = std::env::temp_dir().join(format!("slabsocks-bench-cg-{}", addr.port()));
+    std::fs::create_dir_all(&dir).ok()?;
+    let out = dir.join("cg.out.%p");
+    let mut child = Command::new("valgrind")
+        .args(["--tool=callgrind", "--trace-children=yes"])
+        .arg(format!("--callgrind-out-file={}", out.display()))
+        .args(&argv)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    let pid = child.id();
+    let control = |cmd: &str| {
+        Command::new("callgrind_control")
+            .args([cmd, &pid.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok()
+    };
+    // The newest dump's total.
+    let last_dump = || -> Option<f64> {
+        let newest = std::fs::read_dir(&dir)
+            .ok()?
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let n: u32 = name.rsplit('.').next()?.parse().ok()?;
+                name.contains(&format!(".{pid}.")).then_some((n, e.path()))
+            })
+            .max()?;
+        let text = std::fs::read_to_string(newest.1).ok()?;
+        text.lines().find_map(|l| l.strip_prefix("summary: ")).and_then(|v| v.trim().parse().ok())
+    };
+    let end = Instant::now() + Duration::from_secs(30);
+    while TcpStream::connect(addr).is_err() {
+        if Instant::now() > end {
+            let _ = child.kill();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Warm: the first sessions grow the slab and pools.
+    for _ in 0..20 {
+        let _ = dial(Some(addr), echo64).and_then(|mut s| {
+            s.write_all(&[7u8; 64])?;
+            s.read_exact(&mut [0u8; 64])
+        });
+    }
+    control("-z");
+    let mib = 64;
+    throughput(Some(addr), sink, mib << 20);
+    std::thread::sleep(Duration::from_millis(200));
+    control("-d");
+    let per_mib = last_dump()? / mib as f64;
+    control("-z");
+    let sessions = 200;
+    let mut ok = 0;
+    for _ in 0..sessions {
+        let r = dial(Some(addr), echo64).and_then(|mut s| {
+            s.write_all(&[7u8; 64])?;
+            s.read_exact(&mut [0u8; 64])
+        });
+        ok += usize::from(r.is_ok());
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    control("-d");
+    let per_session = last_dump()? / ok.max(1) as f64;
+    // SAFETY: kill(2) on the pid of a child we started.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    let end = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < end && !matches!(child.try_wait(), Ok(Some(_))) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    Some((per_mib, per_session))
+}
+
 // ------------------------------------------------------------- report
 
 #[derive(Default)]
@@ -749,7 +881,7 @@ impl Samples {
         if v.is_empty() { f64::NAN } else { v[v.len() / 2] }
     }
     fn show(&self, prec: usize) -> String {
-        if self.0.is_empty() {
+        if self.0.iter().all(|x| !x.is_finite()) {
             return "-".into();
         }
         let min = self.0.iter().copied().fold(f64::INFINITY, f64::min);
@@ -937,12 +1069,20 @@ fn main() {
     let mib = env_num("SLABSOCKS_BENCH_MB", 256);
     let idle = env_num("SLABSOCKS_BENCH_IDLE", 3000);
     let only = std::env::var("SLABSOCKS_BENCH_ONLY").ok();
-    let scenarios =
-        std::env::var("SLABSOCKS_BENCH_SCENARIOS").unwrap_or_else(|_| "relay,burst,memory,syscalls,udp".into());
+    let scenarios = std::env::var("SLABSOCKS_BENCH_SCENARIOS")
+        .unwrap_or_else(|_| "relay,burst,memory,syscalls,instructions,udp".into());
     let run = |scenario: &str| scenarios.split(',').any(|s| s == scenario);
     println!("machine: {}", machine());
-    pin(0);
-    println!("load generator and servers on CPU 0, each proxy on CPU 1; {rounds} rounds, order rotated");
+    if pinning() {
+        pin(0);
+        println!("load generator and servers on CPU 0, each proxy on CPU 1; {rounds} rounds, order rotated");
+    } else {
+        println!("nothing pinned; {rounds} rounds, order rotated");
+    }
+    let streams = env_num("SLABSOCKS_BENCH_STREAMS", 1);
+    if streams > 1 {
+        println!("throughput over {streams} concurrent streams");
+    }
 
     let mut targets = Vec::new();
     // Baselines: one path (named `baseline`), or `label=path,...` (named by
@@ -1024,6 +1164,26 @@ fn main() {
         println!("strace not installed: no system call counts");
     }
 
+    let has_valgrind =
+        Command::new("valgrind").arg("--version").stdout(Stdio::null()).status().is_ok_and(|s| s.success());
+    let instr: Vec<Option<(f64, f64)>> = targets
+        .iter()
+        .map(|t| if has_valgrind && run("instructions") { instructions(t, sink, echo64) } else { None })
+        .collect();
+    if run("instructions") {
+        if !has_valgrind {
+            println!("valgrind not installed: no instruction counts");
+        } else {
+            println!();
+            println!("instructions executed by the proxy (callgrind: counts, not times)");
+            for (t, i) in targets.iter().zip(&instr) {
+                if let Some((mib, sess)) = i {
+                    println!("  {:<11} {:>14.0} per MiB relayed {:>12.0} per session", t.name, mib, sess);
+                }
+            }
+        }
+    }
+
     let udp_secs = env_num("SLABSOCKS_BENCH_UDP_MS", 1000) as f64 / 1e3;
     let udp = run("udp").then(|| udp_scenario(&targets, udp_echo, rounds, udp_secs));
 
@@ -1079,7 +1239,7 @@ fn main() {
     if let Some(res) = udp {
         print_udp(&targets, &res, udp_secs);
     }
-    if run("relay") || run("memory") || run("syscalls") {
+    if run("relay") || run("memory") || run("syscalls") || run("instructions") {
         let path = std::env::var("SLABSOCKS_BENCH_JSON").unwrap_or_else(|_| "target/bench-relay.json".into());
         let rows: Vec<String> = targets
             .iter()
@@ -1088,7 +1248,8 @@ fn main() {
                 format!(
                     "    {{\"name\": \"{}\", \"throughput_gbit\": {}, \"throughput_cores\": {}, \"sessions_per_s\": {}, \
                      \"sessions_cores\": {}, \"rtt_p50_us\": {}, \"rtt_p99_us\": {}, \"idle_bytes_per_session\": {}, \
-                     \"syscalls_per_session\": {}, \"syscalls_per_mib\": {}, \"failed_sessions\": {}}}",
+                     \"syscalls_per_session\": {}, \"syscalls_per_mib\": {}, \"instructions_per_mib\": {}, \
+                     \"instructions_per_session\": {}, \"failed_sessions\": {}}}",
                     t.name,
                     tput[i].json(),
                     tput_cpu[i].json(),
@@ -1099,6 +1260,8 @@ fn main() {
                     opt_json(mem[i]),
                     opt_json(sys[i]),
                     opt_json(sys_mib[i]),
+                    opt_json(instr[i].map(|x| x.0)),
+                    opt_json(instr[i].map(|x| x.1)),
                     errs[i],
                 )
             })
