@@ -16,8 +16,16 @@
 //! change: measured as the target `baseline`, in the same run; or several,
 //! as `label=path,label=path`), SLABSOCKS_BENCH_BURST (1000 clients
 //! connecting at once), SLABSOCKS_BENCH_SCENARIOS (a comma-separated subset
-//! of `relay,burst,memory,syscalls,udp`; default all), SLABSOCKS_BENCH_UDP_MS
-//! (1000: each closed-loop UDP run; the open-loop run lasts half as long).
+//! of `relay,burst,memory,syscalls,instructions,udp`; default all), SLABSOCKS_BENCH_UDP_MS
+//! (1000: each closed-loop UDP run; the open-loop run lasts half as long),
+//! SLABSOCKS_BENCH_QUICK (1: one round of smaller runs, about a minute),
+//! SLABSOCKS_BENCH_STREAMS (1: concurrent throughput streams),
+//! SLABSOCKS_BENCH_PIN (1: proxies on CPU 1, load on CPU 0; 0: unpinned),
+//! SLABSOCKS_BENCH_JSON (target/bench-relay.json: the raw results).
+//!
+//! `instructions`: the proxy under callgrind (valgrind), instructions per
+//! MiB relayed and per session; user-space only, and the same however
+//! busy the machine is. Dante (a process per client) is left out.
 //!
 //! `udp`: UDP ASSOCIATE to an echo server in this process, 64 and 1400-byte
 //! payloads, datagrams echoed per second and datagrams lost: a closed loop
@@ -1065,9 +1073,13 @@ fn main() {
         println!("relay bench: run with `cargo bench`");
         return;
     }
-    let rounds = env_num("SLABSOCKS_BENCH_ROUNDS", 3);
-    let mib = env_num("SLABSOCKS_BENCH_MB", 256);
-    let idle = env_num("SLABSOCKS_BENCH_IDLE", 3000);
+    // SLABSOCKS_BENCH_QUICK=1: one round, smaller runs, no burst and a
+    // shorter UDP run: about a minute with the two peers installed.
+    let quick = env_num("SLABSOCKS_BENCH_QUICK", 0) != 0;
+    let rounds = env_num("SLABSOCKS_BENCH_ROUNDS", if quick { 1 } else { 3 });
+    let mib = env_num("SLABSOCKS_BENCH_MB", if quick { 64 } else { 256 });
+    let idle = env_num("SLABSOCKS_BENCH_IDLE", if quick { 1000 } else { 3000 });
+    let rate_secs = if quick { 0.5 } else { 1.5 };
     let only = std::env::var("SLABSOCKS_BENCH_ONLY").ok();
     let scenarios = std::env::var("SLABSOCKS_BENCH_SCENARIOS")
         .unwrap_or_else(|_| "relay,burst,memory,syscalls,instructions,udp".into());
@@ -1121,7 +1133,7 @@ fn main() {
             let (g, cores) = with_cpu(&targets[i], || throughput(via, sink, mib << 20));
             tput[i].0.push(g);
             tput_cpu[i].0.push(cores);
-            let ((r, e), cores) = with_cpu(&targets[i], || session_rate(via, echo64, 1.5));
+            let ((r, e), cores) = with_cpu(&targets[i], || session_rate(via, echo64, rate_secs));
             rate[i].0.push(r);
             rate_cpu[i].0.push(cores);
             errs[i] += e;
@@ -1131,7 +1143,7 @@ fn main() {
         }
         eprintln!("round {} of {rounds} done", round + 1);
     }
-    let burst_n = env_num("SLABSOCKS_BENCH_BURST", 1000);
+    let burst_n = env_num("SLABSOCKS_BENCH_BURST", if quick { 0 } else { 1000 });
     if run("burst") && burst_n > 0 {
         println!();
         println!("burst: {burst_n} clients connect at once and greet; a relaying session's worst RTT meanwhile");
@@ -1184,7 +1196,7 @@ fn main() {
         }
     }
 
-    let udp_secs = env_num("SLABSOCKS_BENCH_UDP_MS", 1000) as f64 / 1e3;
+    let udp_secs = env_num("SLABSOCKS_BENCH_UDP_MS", if quick { 300 } else { 1000 }) as f64 / 1e3;
     let udp = run("udp").then(|| udp_scenario(&targets, udp_echo, rounds, udp_secs));
 
     if run("relay") || run("memory") || run("syscalls") {
