@@ -253,6 +253,76 @@ fn sink_server() -> SocketAddr {
     a
 }
 
+/// Reads an 8-byte length, then sends that many bytes while reading as
+/// many: both directions of one session at once.
+fn both_ways_server() -> SocketAddr {
+    let (l, a) = listener();
+    std::thread::spawn(move || {
+        for mut s in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut len = [0u8; 8];
+                if s.read_exact(&mut len).is_err() {
+                    return;
+                }
+                let n = u64::from_be_bytes(len) as usize;
+                let Ok(mut w) = s.try_clone() else { return };
+                let sender = std::thread::spawn(move || {
+                    let chunk = vec![0x24u8; 128 * 1024];
+                    let mut left = n;
+                    while left > 0 {
+                        let k = left.min(chunk.len());
+                        if w.write_all(&chunk[..k]).is_err() {
+                            return;
+                        }
+                        left -= k;
+                    }
+                });
+                let mut buf = vec![0u8; 256 * 1024];
+                let mut left = n;
+                while left > 0 {
+                    match s.read(&mut buf[..left.min(256 * 1024)]) {
+                        Ok(0) | Err(_) => break,
+                        Ok(k) => left -= k,
+                    }
+                }
+                let _ = sender.join();
+            });
+        }
+    });
+    a
+}
+
+/// Both directions of one session at once, `bytes` each way: the Gbit/s
+/// of each, up and down, each timed from the start to its last byte.
+fn both_ways(via: Option<SocketAddr>, server: SocketAddr, bytes: usize) -> (f64, f64) {
+    let mut s = dial(via, server).expect("dial both-ways server");
+    let mut w = s.try_clone().expect("clone");
+    let t0 = Instant::now();
+    w.write_all(&(bytes as u64).to_be_bytes()).expect("send");
+    let up = std::thread::spawn(move || {
+        let chunk = vec![0x42u8; 128 * 1024];
+        let mut left = bytes;
+        while left > 0 {
+            let n = left.min(chunk.len());
+            w.write_all(&chunk[..n]).expect("send");
+            left -= n;
+        }
+        t0.elapsed()
+    });
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut left = bytes;
+    while left > 0 {
+        match s.read(&mut buf[..left.min(256 * 1024)]) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => left -= n,
+        }
+    }
+    let down = t0.elapsed();
+    let up = up.join().unwrap_or(Duration::MAX);
+    let gbit = |d: Duration| bytes as f64 * 8.0 / d.as_secs_f64() / 1e9;
+    (gbit(up), gbit(down))
+}
+
 /// Echoes until EOF.
 fn echo_server() -> SocketAddr {
     let (l, a) = listener();
@@ -1116,8 +1186,11 @@ fn main() {
         }
     }
     let (sink, echo, echo64) = (sink_server(), echo_server(), echo64_server(RATE_CLIENTS * 2));
+    let both = both_ways_server();
     let udp_echo = udp_echo_server();
     let n = targets.len();
+    let mut bw_up: Vec<Samples> = (0..n).map(|_| Samples::default()).collect();
+    let mut bw_down: Vec<Samples> = (0..n).map(|_| Samples::default()).collect();
     let mut tput: Vec<Samples> = (0..n).map(|_| Samples::default()).collect();
     let mut rate: Vec<Samples> = (0..n).map(|_| Samples::default()).collect();
     let mut p50: Vec<Samples> = (0..n).map(|_| Samples::default()).collect();
@@ -1132,6 +1205,9 @@ fn main() {
             eprintln!("  {}", targets[i].name);
             let (g, cores) = with_cpu(&targets[i], || throughput(via, sink, mib << 20));
             tput[i].0.push(g);
+            let (u, d) = both_ways(via, both, (mib << 20) / 2);
+            bw_up[i].0.push(u);
+            bw_down[i].0.push(d);
             tput_cpu[i].0.push(cores);
             let ((r, e), cores) = with_cpu(&targets[i], || session_rate(via, echo64, rate_secs));
             rate[i].0.push(r);
@@ -1219,19 +1295,28 @@ fn main() {
         }
         println!();
         println!(
-            "{:<11} {:>22} {:>16} {:>22} {:>18} {:>14}",
-            "", "proxy CPU, tput", "Gbit/s per core", "proxy CPU, sessions", "sessions/s/core", "syscalls/MiB"
+            "{:<11} {:>22} {:>16} {:>22} {:>18} {:>14} {:>22} {:>22}",
+            "",
+            "proxy CPU, tput",
+            "Gbit/s per core",
+            "proxy CPU, sessions",
+            "sessions/s/core",
+            "syscalls/MiB",
+            "both ways: up Gbit/s",
+            "down Gbit/s"
         );
         for (i, t) in targets.iter().enumerate() {
             let per_core = |x: &Samples, c: &Samples| x.median() / c.median();
             println!(
-                "{:<11} {:>22} {:>16.2} {:>22} {:>18.0} {:>14}",
+                "{:<11} {:>22} {:>16.2} {:>22} {:>18.0} {:>14} {:>22} {:>22}",
                 t.name,
                 tput_cpu[i].show(2),
                 per_core(&tput[i], &tput_cpu[i]),
                 rate_cpu[i].show(2),
                 per_core(&rate[i], &rate_cpu[i]),
                 sys_mib[i].map_or("-".into(), |m| format!("{m:.1}")),
+                bw_up[i].show(2),
+                bw_down[i].show(2),
             );
         }
         println!();
@@ -1258,13 +1343,15 @@ fn main() {
             .enumerate()
             .map(|(i, t)| {
                 format!(
-                    "    {{\"name\": \"{}\", \"throughput_gbit\": {}, \"throughput_cores\": {}, \"sessions_per_s\": {}, \
+                    "    {{\"name\": \"{}\", \"throughput_gbit\": {}, \"throughput_cores\": {}, \"both_ways_up_gbit\": {}, \"both_ways_down_gbit\": {}, \"sessions_per_s\": {}, \
                      \"sessions_cores\": {}, \"rtt_p50_us\": {}, \"rtt_p99_us\": {}, \"idle_bytes_per_session\": {}, \
                      \"syscalls_per_session\": {}, \"syscalls_per_mib\": {}, \"instructions_per_mib\": {}, \
                      \"instructions_per_session\": {}, \"failed_sessions\": {}}}",
                     t.name,
                     tput[i].json(),
                     tput_cpu[i].json(),
+                    bw_up[i].json(),
+                    bw_down[i].json(),
                     rate[i].json(),
                     rate_cpu[i].json(),
                     p50[i].json(),
