@@ -123,6 +123,15 @@ fn wait_listening(addr: SocketAddr) -> bool {
     false
 }
 
+/// The tokio peer's binary: SLABSOCKS_BENCH_FAST_SOCKS5, or the one built
+/// in benches/peers/fast-socks5.
+fn fast_socks5_bin() -> Option<String> {
+    std::env::var("SLABSOCKS_BENCH_FAST_SOCKS5").ok().or_else(|| {
+        let built = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/peers/fast-socks5/target/release/fast-socks5-peer");
+        std::path::Path::new(built).exists().then(|| built.to_string())
+    })
+}
+
 fn spawn_slabsocks(bin: &str, addr: SocketAddr) -> Result<Child, String> {
     let mut cmd = Command::new(bin);
     cmd.args(["--listen", &addr.to_string(), "--log-level", "warn"]).stderr(Stdio::inherit());
@@ -146,6 +155,27 @@ fn start_target(name: &'static str) -> Result<Target, String> {
                 |(_, path)| path.to_string(),
             );
             (spawn_slabsocks(&bin, addr)?, None)
+        }
+        "fast-socks5" => {
+            let bin = fast_socks5_bin().ok_or(
+                "not built (cargo build --release --manifest-path benches/peers/fast-socks5/Cargo.toml, \
+                 or set SLABSOCKS_BENCH_FAST_SOCKS5)",
+            )?;
+            let mut cmd = Command::new(bin);
+            cmd.arg(addr.to_string()).stderr(Stdio::null());
+            (spawn_pinned(&mut cmd).map_err(|e| format!("fast-socks5: {e}"))?, None)
+        }
+        "3proxy" | "3proxy-splice" => {
+            let bin = std::env::var("SLABSOCKS_BENCH_3PROXY").unwrap_or_else(|_| "3proxy".into());
+            let dir = std::env::temp_dir().join(format!("slabsocks-bench-3proxy-{port}"));
+            std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+            let conf = dir.join("3proxy.cfg");
+            let splice = if name == "3proxy-splice" { " -s" } else { "" };
+            std::fs::write(&conf, format!("auth none\nsocks{splice} -p{port} -i127.0.0.1 -e127.0.0.1\n"))
+                .map_err(|e| e.to_string())?;
+            let mut cmd = Command::new(&bin);
+            cmd.arg(&conf).stderr(Stdio::null());
+            (spawn_pinned(&mut cmd).map_err(|e| format!("{bin}: {e}"))?, Some(dir.to_string_lossy().into_owned()))
         }
         "microsocks" => {
             let mut cmd = Command::new("microsocks");
@@ -1174,7 +1204,13 @@ fn main() {
         Ok(_) => vec!["baseline"],
         Err(_) => vec![],
     };
-    let names = ["direct", "slabsocks"].into_iter().chain(baselines).chain(["microsocks", "dante"]);
+    let names = ["direct", "slabsocks"].into_iter().chain(baselines).chain([
+        "microsocks",
+        "dante",
+        "fast-socks5",
+        "3proxy",
+        "3proxy-splice",
+    ]);
     for name in names {
         let label = name.split_once('=').map_or(name, |(l, _)| l);
         if only.as_deref().is_some_and(|o| !o.split(',').any(|n| n == label)) {
