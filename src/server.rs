@@ -110,6 +110,8 @@ fn listen(addr: SocketAddr, backlog: u32, shared: bool) -> io::Result<TcpListene
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     socket.set_nonblocking(true)?;
     socket.set_reuse_address(true)?;
+    // Inherited by every accepted socket on Linux (see accept.rs).
+    socket.set_tcp_nodelay(true)?;
     #[cfg(unix)]
     if shared {
         socket.set_reuse_port(true)?;
@@ -157,6 +159,7 @@ impl Server {
     /// with one worker whatever `config.workers` says.
     pub fn from_listener(listener: std::net::TcpListener, config: Config) -> io::Result<Server> {
         listener.set_nonblocking(true)?;
+        socket2::SockRef::from(&listener).set_tcp_nodelay(true)?;
         Server::with_listeners(vec![vec![TcpListener::from_std(listener)]], Config { workers: 1, ..config })
     }
 

@@ -383,3 +383,46 @@ fn resolver_threads_start_on_the_first_name() {
     expect(&mut s, b"pong");
     assert_eq!(dns_threads(child.id()), 1);
 }
+
+/// Every connected TCP socket of the server (the client's, inherited from
+/// the listener on Linux, and the upstream's) has TCP_NODELAY: checked on
+/// duplicates of its descriptors taken with pidfd_getfd (Linux 5.6; as
+/// root or a ptrace-capable user, else skipped with a note).
+#[test]
+fn sessions_have_nodelay_both_ways() {
+    let (child, addr) = spawn(&["--workers", "1"]);
+    let echo = echo_server("127.0.0.1:0");
+    let mut s = open(addr, echo);
+    s.write_all(b"x").unwrap();
+    expect(&mut s, b"x");
+    // SAFETY: pidfd_open on our child's pid; the result is checked.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, child.id() as libc::pid_t, 0) } as i32;
+    if pidfd < 0 {
+        eprintln!("note: pidfd_open unavailable, skipped: {}", std::io::Error::last_os_error());
+        return;
+    }
+    let mut connected = 0;
+    for entry in std::fs::read_dir(format!("/proc/{}/fd", child.id())).unwrap().flatten() {
+        let Ok(target) = std::fs::read_link(entry.path()) else { continue };
+        if !target.to_string_lossy().starts_with("socket:") {
+            continue;
+        }
+        let Ok(fd) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+        // SAFETY: pidfd_getfd duplicates the child's descriptor into ours.
+        let dup = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd, fd, 0) } as i32;
+        if dup < 0 {
+            eprintln!("note: pidfd_getfd refused, skipped: {}", std::io::Error::last_os_error());
+            return;
+        }
+        // SAFETY: `dup` is a descriptor we now own.
+        let sock = unsafe { <socket2::Socket as std::os::fd::FromRawFd>::from_raw_fd(dup) };
+        let tcp = sock.r#type().ok() == Some(socket2::Type::STREAM);
+        if tcp && sock.peer_addr().is_ok_and(|a| a.as_socket().is_some()) {
+            connected += 1;
+            assert!(sock.tcp_nodelay().unwrap(), "a connected socket without TCP_NODELAY");
+        }
+    }
+    assert_eq!(connected, 2, "the client's socket and the upstream's");
+    // SAFETY: closing the pidfd we opened.
+    unsafe { libc::close(pidfd) };
+}

@@ -66,6 +66,11 @@ struct Dir {
     /// The other direction's `dead`: a read error on `src` (a reset) means
     /// it cannot be written to either.
     other_dead: u8,
+    /// A read has filled a whole buffer: the direction carries bulk, and
+    /// splices from now on. Until then it copies: for small messages a
+    /// splice costs a syscall more than a copy (its `EAGAIN`, which the
+    /// short-read rule saves), and moves too little to win anything back.
+    bulk: u8,
 }
 
 const TX_EOF: u8 = 1;
@@ -74,6 +79,8 @@ const RX_EOF: u8 = 4;
 const RX_SHUT: u8 = 8;
 const TX_DEAD: u8 = 16;
 const RX_DEAD: u8 = 32;
+const TX_BULK: u8 = 64;
+const RX_BULK: u8 = 128;
 /// Client to upstream.
 const TX: Dir = Dir {
     src_r: Ready::CLIENT_R,
@@ -83,6 +90,7 @@ const TX: Dir = Dir {
     dead: TX_DEAD,
     other_shut: RX_SHUT,
     other_dead: RX_DEAD,
+    bulk: TX_BULK,
 };
 /// Upstream to client.
 const RX: Dir = Dir {
@@ -93,6 +101,7 @@ const RX: Dir = Dir {
     dead: RX_DEAD,
     other_shut: TX_SHUT,
     other_dead: TX_DEAD,
+    bulk: RX_BULK,
 };
 
 impl Half {
@@ -125,10 +134,10 @@ impl Half {
 
     /// The pass through a pipe: one splice in (if the source may have
     /// data) and one out (if the pipe holds bytes and the destination may
-    /// take them). `None` when this pass must copy instead: bytes wait in a
-    /// buffer, the destination is dead (what the source sends is read and
-    /// dropped), the source has nothing to read and no pipe is held, or no
-    /// pipe can be had.
+    /// take them). `None` when this pass must copy instead: the direction
+    /// has not carried bulk yet, bytes wait in a buffer, the destination is
+    /// dead (what the source sends is read and dropped), the source has
+    /// nothing to read and no pipe is held, or no pipe can be had.
     ///
     /// There is no short-read rule here: a splice into a pipe stops short
     /// when the pipe's slots fill, which depends on how the bytes arrived.
@@ -146,7 +155,7 @@ impl Half {
     ) -> Option<bool> {
         let (ready, ends, pool, id) = (&mut *p.ready, &mut *p.ends, &mut *p.pool, p.id);
         let (src_r, dst_w) = (dir.src_r, dir.dst_w);
-        if self.buf.is_some() {
+        if self.buf.is_some() || *ends & dir.bulk == 0 {
             return None;
         }
         if *ends & dir.dead != 0 {
@@ -227,10 +236,13 @@ impl Half {
             let buf = self.buf.get_or_insert_with(|| pool.relay());
             let room = &mut buf[self.end as usize..];
             let want = room.len();
+            let whole = self.end == 0;
             match read(src, room) {
                 Io::Done(n) => {
                     if n < want {
                         ready.short_read(src_r);
+                    } else if whole {
+                        *ends |= dir.bulk;
                     }
                     if !dead {
                         self.end += n as u32;
