@@ -176,18 +176,19 @@ impl Connecting {
         if !client.ready.has(Ready::UP_W) {
             return (State::Connecting(self), Flow::Wait);
         }
-        // mio: the connect is complete when the socket is writable, holds no
-        // error, and has a peer.
-        let done = match self.up.take_error() {
-            Ok(None) => match self.up.peer_addr() {
-                Ok(_) => Ok(()),
-                Err(e) if e.kind() == io::ErrorKind::NotConnected => {
+        // mio: the connect is complete when the socket is writable and has
+        // a peer; without a peer it failed (its error says why) or is still
+        // under way. Asking for the peer first costs a success one syscall.
+        let done = match self.up.peer_addr() {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotConnected => match self.up.take_error() {
+                Ok(Some(e)) | Err(e) => Err(e),
+                Ok(None) => {
                     client.ready.clear(Ready::UP_W);
                     return (State::Connecting(self), Flow::Wait);
                 }
-                Err(e) => Err(e),
             },
-            Ok(Some(e)) | Err(e) => Err(e),
+            Err(e) => Err(e),
         };
         let Connecting { up, addrs, carry } = self;
         match done {
