@@ -21,7 +21,8 @@
 //! SLABSOCKS_BENCH_QUICK (1: one round of smaller runs, about a minute),
 //! SLABSOCKS_BENCH_STREAMS (1: concurrent throughput streams),
 //! SLABSOCKS_BENCH_PIN (1: proxies on CPU 1, load on CPU 0; 0: unpinned),
-//! SLABSOCKS_BENCH_JSON (target/bench-relay.json: the raw results).
+//! SLABSOCKS_BENCH_JSON (target/bench-relay.json: the raw results),
+//! SLABSOCKS_BENCH_HISTOGRAM (1: print each latency run's histogram).
 //!
 //! `instructions`: the proxy under callgrind (valgrind), instructions per
 //! MiB relayed and per session; user-space only, and the same however
@@ -491,7 +492,34 @@ fn latency(via: Option<SocketAddr>, echo: SocketAddr, n: usize) -> (f64, f64) {
         rtts.push(t0.elapsed().as_secs_f64() * 1e6);
     }
     rtts.sort_by(f64::total_cmp);
+    if env_num("SLABSOCKS_BENCH_HISTOGRAM", 0) != 0 {
+        print_histogram(via, &rtts);
+    }
     (rtts[n / 2], rtts[n * 99 / 100])
+}
+
+/// SLABSOCKS_BENCH_HISTOGRAM=1: the round trips of one latency run by
+/// power-of-two buckets, with p90, p99, p99.9 and the worst.
+fn print_histogram(via: Option<SocketAddr>, sorted: &[f64]) {
+    let n = sorted.len();
+    let at = |q: f64| sorted[((n as f64 * q) as usize).min(n - 1)];
+    println!(
+        "  RTT histogram via {}: p50 {:.1} p90 {:.1} p99 {:.1} p99.9 {:.1} max {:.1} µs",
+        via.map_or("direct".into(), |a| a.to_string()),
+        at(0.5),
+        at(0.9),
+        at(0.99),
+        at(0.999),
+        sorted[n - 1]
+    );
+    let mut lo = 1.0;
+    while lo <= sorted[n - 1] {
+        let count = sorted.iter().filter(|&&x| x >= lo && x < lo * 2.0).count();
+        if count > 0 {
+            println!("    {:>7.0}–{:<7.0} µs {:>6} {}", lo, lo * 2.0, count, "#".repeat((count * 60).div_ceil(n)));
+        }
+        lo *= 2.0;
+    }
 }
 
 // ---------------------------------------------------------------- UDP
