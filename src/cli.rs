@@ -90,6 +90,12 @@ pub struct Cli {
     /// Address to advertise in BIND and UDP replies when behind NAT (repeatable: one IPv4, one IPv6).
     #[arg(long = "external-addr", value_name = "ADDR")]
     pub external_addrs: Vec<std::net::IpAddr>,
+    /// Source address of upstream connections (repeatable: one IPv4, one IPv6).
+    #[arg(long = "outbound-addr", value_name = "ADDR")]
+    pub outbound_addrs: Vec<std::net::IpAddr>,
+    /// Network interface upstream connections leave by (SO_BINDTODEVICE; needs CAP_NET_RAW).
+    #[arg(long, value_name = "IFACE")]
+    pub outbound_interface: Option<String>,
     /// Do not serve SOCKS4/4a (a first byte of 0x04 gets a close).
     #[arg(long)]
     pub disable_socks4: bool,
@@ -147,6 +153,8 @@ impl Cli {
             bind_timeout: self.bind_timeout,
             bind_ports: self.bind_port_range,
             external_addrs: self.external_addrs.clone(),
+            outbound_addrs: self.outbound_addrs.clone(),
+            outbound_interface: self.outbound_interface.clone(),
             socks4: !self.disable_socks4,
             http: !self.disable_http,
             udp: !self.disable_udp,

@@ -78,6 +78,15 @@ pub struct Config {
     /// of the local one, when the server sits behind NAT: at most one per
     /// family.
     pub external_addrs: Vec<IpAddr>,
+    /// Source addresses for upstream connections, at most one per family
+    /// (a destination of the other family connects from the system's
+    /// choice). Bound with `IP_BIND_ADDRESS_NO_PORT`, so the port is picked
+    /// at connect time per destination and the ephemeral range is not used
+    /// up by binds.
+    pub outbound_addrs: Vec<IpAddr>,
+    /// The network interface upstream connections leave by
+    /// (`SO_BINDTODEVICE`, Linux; needs `CAP_NET_RAW`).
+    pub outbound_interface: Option<String>,
     /// Sessions allowed at once for one user (needs `users`).
     pub max_connections_per_user: Option<u32>,
     /// Serve SOCKS4 and SOCKS4a on the same port (first byte 0x04);
@@ -127,6 +136,8 @@ impl Default for Config {
             bind_timeout: Duration::from_secs(60),
             bind_ports: None,
             external_addrs: Vec::new(),
+            outbound_addrs: Vec::new(),
+            outbound_interface: None,
             socks4: true,
             http: true,
             udp: true,
@@ -233,6 +244,16 @@ impl Config {
         if v4 > 1 || v6 > 1 || self.external_addrs.iter().any(|ip| ip.is_unspecified() || ip.is_multicast()) {
             return err("external addresses: at most one IPv4 and one IPv6, neither unspecified nor multicast");
         }
+        let (v4, v6) = self.outbound_addrs.iter().fold((0, 0), |(a, b), ip| match ip {
+            IpAddr::V4(_) => (a + 1, b),
+            IpAddr::V6(_) => (a, b + 1),
+        });
+        if v4 > 1 || v6 > 1 || self.outbound_addrs.iter().any(|ip| ip.is_multicast()) {
+            return err("outbound addresses: at most one IPv4 and one IPv6, not multicast");
+        }
+        if self.outbound_interface.as_ref().is_some_and(|i| i.is_empty() || i.len() >= 16 || i.contains('\0')) {
+            return err("an interface name is 1 to 15 bytes");
+        }
         if self.resolver_threads > 64 {
             return err("at most 64 resolver threads");
         }
@@ -280,6 +301,11 @@ mod tests {
                 ..Config::default()
             },
             Config { external_addrs: vec!["0.0.0.0".parse().unwrap()], ..Config::default() },
+            Config {
+                outbound_addrs: vec!["127.0.0.2".parse().unwrap(), "127.0.0.3".parse().unwrap()],
+                ..Config::default()
+            },
+            Config { outbound_interface: Some("a-name-far-too-long".into()), ..Config::default() },
             Config { backlog: Some(u32::MAX), ..Config::default() },
             Config { connect_timeout: Duration::ZERO, ..Config::default() },
             Config { resolver_threads: 1000, ..Config::default() },

@@ -4,7 +4,7 @@
 use crate::accept::{Accept, Accepted};
 use crate::buf::{Pool, TRIM_PERIOD};
 use crate::config::Config;
-use crate::conn::{BindSettings, Conn, Ctx, Dialects, Env, Ready, Step, UdpSettings};
+use crate::conn::{BindSettings, Conn, Ctx, Dialects, Env, Outbound, Ready, Step, UdpSettings};
 use crate::limits::{Counts, Limits};
 use crate::pipe::Pipes;
 use crate::resolver::Purpose;
@@ -339,6 +339,7 @@ impl Worker {
                 cursor: 0,
                 scratch: None,
             },
+            outbound: Outbound::new(&c.outbound_addrs, c.outbound_interface.as_deref()),
             open: 0,
             max_conns: self.max_conns,
             third_fd: 0,

@@ -47,6 +47,27 @@ pub fn somaxconn() -> u32 {
         .unwrap_or(libc::SOMAXCONN as u32)
 }
 
+/// `IP_BIND_ADDRESS_NO_PORT` on a socket about to be bound to an address
+/// with port 0: the port is chosen at connect time, so the same port can
+/// serve many destinations (Linux 4.2).
+#[cfg(target_os = "linux")]
+pub(crate) fn bind_address_no_port(socket: &socket2::Socket) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let one: libc::c_int = 1;
+    // SAFETY: setsockopt reads one int through a valid pointer of the size
+    // given, on a descriptor the socket owns.
+    let r = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+}
+
 /// CPUs this process may run on: its affinity mask (`sched_getaffinity`),
 /// narrowed by a cgroup CPU quota where there is one; 1 if unknown.
 pub fn cpus() -> usize {

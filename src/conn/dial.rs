@@ -5,7 +5,7 @@
 //! addresses are tried one at a time, in the order they came, until one
 //! connects or the connect deadline passes.
 
-use super::{Carry, Client, Close, Ctx, Dialect, Flow, Outcome, Ready, Recycle, State, answer, fail};
+use super::{Carry, Client, Close, Ctx, Dialect, Flow, Outbound, Outcome, Ready, Recycle, State, answer, fail};
 use crate::buf::Pool;
 use crate::proto::{Command, Reply};
 use crate::resolver::{Job, Purpose};
@@ -234,7 +234,7 @@ fn connect(mut addrs: Addrs, carry: Carry, mut last: Last, client: &mut Client, 
             }
             continue;
         }
-        let attempt = TcpStream::connect(addr).and_then(|mut up| {
+        let attempt = open_upstream(addr, &ctx.env.outbound).and_then(|mut up| {
             ctx.register(&mut up, Role::Upstream, Interest::READABLE | Interest::WRITABLE)?;
             Ok(up)
         });
@@ -248,6 +248,36 @@ fn connect(mut addrs: Addrs, carry: Carry, mut last: Last, client: &mut Client, 
         }
     }
     fail(carry, last.reply(), client, ctx)
+}
+
+/// Starts a non-blocking connect to `addr`, from the configured source
+/// address and interface when there are. The source is bound with
+/// `IP_BIND_ADDRESS_NO_PORT`: the kernel picks the port at connect time,
+/// per destination, so sessions to many destinations do not exhaust the
+/// ephemeral range the way a bind to port 0 would.
+fn open_upstream(addr: SocketAddr, out: &Outbound) -> io::Result<TcpStream> {
+    let source = out.source_for(&addr);
+    if source.is_none() && out.device.is_none() {
+        return TcpStream::connect(addr);
+    }
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_nonblocking(true)?;
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    if let Some(device) = &out.device {
+        socket.bind_device(Some(device.as_bytes()))?;
+    }
+    if let Some(ip) = source {
+        #[cfg(target_os = "linux")]
+        crate::sys::bind_address_no_port(&socket)?;
+        socket.bind(&SocketAddr::new(ip, 0).into())?;
+    }
+    match socket.connect(&addr.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    Ok(TcpStream::from_std(socket.into()))
 }
 
 /// RFC 1928 §6: on success BND.ADDR/BND.PORT are the address the server

@@ -262,6 +262,30 @@ pub(crate) struct UdpSettings {
     pub scratch: Option<Buf>,
 }
 
+/// The source of upstream connections: an address per family and an
+/// interface, each optional.
+#[derive(Default)]
+pub(crate) struct Outbound {
+    pub v4: Option<IpAddr>,
+    pub v6: Option<IpAddr>,
+    pub device: Option<Box<str>>,
+}
+
+impl Outbound {
+    pub fn new(addrs: &[IpAddr], device: Option<&str>) -> Outbound {
+        Outbound {
+            v4: addrs.iter().copied().find(IpAddr::is_ipv4),
+            v6: addrs.iter().copied().find(IpAddr::is_ipv6),
+            device: device.map(Box::from),
+        }
+    }
+
+    /// The source address for a connection to `to`, if one is set.
+    pub fn source_for(&self, to: &std::net::SocketAddr) -> Option<IpAddr> {
+        if to.is_ipv4() { self.v4 } else { self.v6 }
+    }
+}
+
 /// What sessions share, owned by the loop and lent to one session at a time.
 pub(crate) struct Env {
     pub pool: Pool,
@@ -274,6 +298,8 @@ pub(crate) struct Env {
     pub dialects: Dialects,
     pub bind: BindSettings,
     pub udp_cfg: UdpSettings,
+    /// Where upstream connections leave from.
+    pub outbound: Outbound,
     /// Sessions open, and the limit (for BIND's descriptor budget).
     pub open: usize,
     pub max_conns: usize,
@@ -701,6 +727,7 @@ mod tests {
                 cursor: 0,
                 scratch: None,
             },
+            outbound: Outbound::default(),
             open: 0,
             max_conns: 10,
             third_fd: 0,
