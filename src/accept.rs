@@ -167,6 +167,9 @@ impl Accept {
         debug!("#{id} accepted from {peer} (worker {}, slot {key})", self.worker);
         let exempt = env.rules.auth_exempt(peer.ip());
         conns.insert(Conn::new(id, stream, exempt, &mut env.pool));
+        if let Some(access) = &mut env.access {
+            access.open(key, Some(peer), now);
+        }
         env.open = conns.len();
         env.timers.set(key, Kind::Handshake, now);
     }

@@ -96,6 +96,9 @@ pub struct Cli {
     /// Network interface upstream connections leave by (SO_BINDTODEVICE; needs CAP_NET_RAW).
     #[arg(long, value_name = "IFACE")]
     pub outbound_interface: Option<String>,
+    /// Log one line per finished session (at info level).
+    #[arg(long)]
+    pub access_log: bool,
     /// Do not serve SOCKS4/4a (a first byte of 0x04 gets a close).
     #[arg(long)]
     pub disable_socks4: bool,
@@ -155,6 +158,7 @@ impl Cli {
             external_addrs: self.external_addrs.clone(),
             outbound_addrs: self.outbound_addrs.clone(),
             outbound_interface: self.outbound_interface.clone(),
+            access_log: self.access_log,
             socks4: !self.disable_socks4,
             http: !self.disable_http,
             udp: !self.disable_udp,

@@ -87,6 +87,10 @@ pub struct Config {
     /// The network interface upstream connections leave by
     /// (`SO_BINDTODEVICE`, Linux; needs `CAP_NET_RAW`).
     pub outbound_interface: Option<String>,
+    /// Log one line per finished session at info level (client, user,
+    /// protocol and command, requested destination, the address connected,
+    /// reply, bytes each way, duration, why it ended).
+    pub access_log: bool,
     /// Sessions allowed at once for one user (needs `users`).
     pub max_connections_per_user: Option<u32>,
     /// Serve SOCKS4 and SOCKS4a on the same port (first byte 0x04);
@@ -138,6 +142,7 @@ impl Default for Config {
             external_addrs: Vec::new(),
             outbound_addrs: Vec::new(),
             outbound_interface: None,
+            access_log: false,
             socks4: true,
             http: true,
             udp: true,

@@ -25,6 +25,7 @@
 )]
 
 mod accept;
+mod access;
 mod buf;
 mod config;
 mod conn;

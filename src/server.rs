@@ -2,6 +2,7 @@
 //! deadlines, on one thread.
 
 use crate::accept::{Accept, Accepted};
+use crate::access::Access;
 use crate::buf::{Pool, TRIM_PERIOD};
 use crate::config::Config;
 use crate::conn::{BindSettings, Conn, Ctx, Dialects, Env, Outbound, Ready, Step, UdpSettings};
@@ -340,6 +341,7 @@ impl Worker {
                 scratch: None,
             },
             outbound: Outbound::new(&c.outbound_addrs, c.outbound_interface.as_deref()),
+            access: c.access_log.then(Access::default),
             open: 0,
             max_conns: self.max_conns,
             third_fd: 0,
@@ -477,6 +479,9 @@ impl Loop {
         self.env.timers.cancel(key);
         let conn = self.conns.remove(key);
         debug!("#{} closed: {why}", conn.id);
+        if let Some(access) = &mut self.env.access {
+            access.close(key, why, self.now);
+        }
         self.env.limits.release(key, conn.client.user);
         // Dropping the sockets closes them, which removes them from the poll
         // set; a stale event already fetched is caught by the session id.

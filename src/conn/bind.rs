@@ -213,6 +213,10 @@ impl Binding {
             return fail(carry, Reply::GeneralFailure, client, ctx);
         }
         // RFC 1928 §6: the second reply's BND.ADDR/BND.PORT are the peer's.
+        if let Some(r) = ctx.record() {
+            r.reply = Some(0);
+            r.connected = Some(addr);
+        }
         let relay = super::Relay::new(peer, carry);
         if !answer(client, Outcome::Granted(SocketAddr::new(canonical(addr.ip()), addr.port()))) {
             return (State::Relaying(relay), Flow::Close(Close::ClientGone));

@@ -38,6 +38,24 @@ pub(crate) struct Request {
 /// connecting.
 pub(crate) fn start(request: Request, client: &mut Client, ctx: &mut Ctx<'_>) -> (State, Flow) {
     let Request { command, target, carry } = request;
+    let dialect = client.dialect;
+    if let Some(r) = ctx.record() {
+        r.protocol = match dialect {
+            Dialect::Socks5 => "socks5",
+            Dialect::Socks4 => "socks4",
+            Dialect::Http => "http",
+        };
+        r.command = match command {
+            Command::Connect => "connect",
+            Command::Bind => "bind",
+            Command::UdpAssociate => "udp",
+        };
+        r.requested = Some(match &target {
+            Target::Ip(addr) => addr.to_string().into(),
+            Target::Name(host, port) => format!("{host}:{port}").into(),
+            Target::Unresolvable => "(a name that is not UTF-8)".into(),
+        });
+    }
     match command {
         Command::Connect => {}
         #[cfg(feature = "bind")]
@@ -287,6 +305,10 @@ fn connected(up: TcpStream, carry: Carry, client: &mut Client, ctx: &mut Ctx<'_>
     let Ok(bnd) = up.local_addr() else {
         return fail(carry, Reply::GeneralFailure, client, ctx);
     };
+    if let Some(r) = ctx.record() {
+        r.reply = Some(0);
+        r.connected = up.peer_addr().ok();
+    }
     let relay = super::Relay::new(up, carry);
     if !answer(client, Outcome::Granted(bnd)) {
         return (State::Relaying(relay), Flow::Close(Close::ClientGone));

@@ -19,6 +19,7 @@ mod relay;
 #[cfg(feature = "udp")]
 mod udp;
 
+use crate::access::{Access, Record};
 use crate::buf::{Buf, Pool};
 use crate::limits::Limits;
 #[cfg(feature = "http")]
@@ -300,6 +301,8 @@ pub(crate) struct Env {
     pub udp_cfg: UdpSettings,
     /// Where upstream connections leave from.
     pub outbound: Outbound,
+    /// The access log's records, when it is on.
+    pub access: Option<Access>,
     /// Sessions open, and the limit (for BIND's descriptor budget).
     pub open: usize,
     pub max_conns: usize,
@@ -314,6 +317,13 @@ impl Env {
     /// budget of two a session that `max_connections` stands for.
     pub fn third_fd_free(&self) -> bool {
         2 * self.open + self.third_fd < 2 * self.max_conns
+    }
+}
+
+impl Ctx<'_> {
+    /// This session's access-log record, when the log is on.
+    pub fn record(&mut self) -> Option<&mut Record> {
+        self.env.access.as_mut()?.get(self.key)
     }
 }
 
@@ -660,6 +670,13 @@ pub(crate) fn refuse(from: impl Recycle, outcome: Outcome, client: &mut Client, 
         Outcome::Failed(rep) => Close::Failed(rep),
         Outcome::TimedOut | Outcome::Granted(_) => Close::TimedOut,
     };
+    if let Some(r) = ctx.record() {
+        r.reply = Some(match outcome {
+            Outcome::Failed(rep) => rep as u8,
+            Outcome::TimedOut => Reply::HostUnreachable as u8,
+            Outcome::Granted(_) => 0,
+        });
+    }
     // A client that is gone makes the send fail, and the linger's first
     // read end the session.
     let why = if answer(client, outcome) { why } else { Close::ClientGone };
@@ -728,6 +745,7 @@ mod tests {
                 scratch: None,
             },
             outbound: Outbound::default(),
+            access: None,
             open: 0,
             max_conns: 10,
             third_fd: 0,

@@ -48,10 +48,14 @@ struct Pass<'a> {
     ends: &'a mut u8,
     pool: &'a mut Pool,
     id: u32,
+    /// Bytes delivered this pump, by `Dir::idx` (for the access log).
+    moved: [u64; 2],
 }
 
 /// Which readiness and end bits a direction uses.
 struct Dir {
+    /// 0 up (client to upstream), 1 down.
+    idx: usize,
     src_r: u8,
     dst_w: u8,
     /// `src` has sent EOF (or failed).
@@ -83,6 +87,7 @@ const TX_BULK: u8 = 64;
 const RX_BULK: u8 = 128;
 /// Client to upstream.
 const TX: Dir = Dir {
+    idx: 0,
     src_r: Ready::CLIENT_R,
     dst_w: Ready::UP_W,
     eof: TX_EOF,
@@ -94,6 +99,7 @@ const TX: Dir = Dir {
 };
 /// Upstream to client.
 const RX: Dir = Dir {
+    idx: 1,
     src_r: Ready::UP_R,
     dst_w: Ready::CLIENT_W,
     eof: RX_EOF,
@@ -207,6 +213,7 @@ impl Half {
             match splice(pipe_r, dst.as_raw_fd(), self.end as usize) {
                 Ok(n) if n > 0 => {
                     self.end -= n as u32;
+                    p.moved[dir.idx] += n as u64;
                     moved = true;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => ready.clear(dst_w),
@@ -272,6 +279,7 @@ impl Half {
                         ready.clear(dst_w);
                     }
                     self.start += n as u32;
+                    p.moved[dir.idx] += n as u64;
                     moved = true;
                 }
                 Io::WouldBlock => ready.clear(dst_w),
@@ -362,7 +370,7 @@ impl Relay {
     }
 
     fn pump(&mut self, client: &mut TcpStream, ready: &mut Ready, ctx: &mut Ctx<'_>) -> Pumped {
-        let mut p = Pass { ready, ends: &mut self.ends, pool: &mut ctx.env.pool, id: ctx.id };
+        let mut p = Pass { ready, ends: &mut self.ends, pool: &mut ctx.env.pool, id: ctx.id, moved: [0; 2] };
         let mut moved = false;
         let mut budget = BUDGET;
         let end = loop {
@@ -381,8 +389,13 @@ impl Relay {
                 break Pumped::Again;
             }
         };
+        let [up, down] = p.moved;
         if moved {
             ctx.env.timers.touch(ctx.key, Kind::Idle, ctx.now);
+            if let Some(r) = ctx.record() {
+                r.up += up;
+                r.down += down;
+            }
         }
         end
     }
