@@ -12,116 +12,122 @@ use std::time::Duration;
 #[command(name = "slabsocks", version, about)]
 pub struct Cli {
     /// Address to listen on; repeat for several (IPv6 as [::1]:1080).
-    #[arg(long = "listen", value_name = "ADDR", default_value = "127.0.0.1:1080")]
+    #[arg(
+        long = "listen",
+        value_name = "ADDR",
+        default_value = "127.0.0.1:1080",
+        env = "SLABSOCKS_LISTEN",
+        value_delimiter = ','
+    )]
     pub listen: Vec<SocketAddr>,
     /// Time allowed from connect until the request is complete.
-    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = duration)]
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = duration, env = "SLABSOCKS_HANDSHAKE_TIMEOUT")]
     pub handshake_timeout: Duration,
     /// Time allowed to resolve and connect to the destination.
-    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = duration)]
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = duration, env = "SLABSOCKS_CONNECT_TIMEOUT")]
     pub connect_timeout: Duration,
     /// Close relaying sessions idle this long ("off" or 0: never).
-    #[arg(long, value_name = "DURATION", default_value = "off", value_parser = duration)]
+    #[arg(long, value_name = "DURATION", default_value = "off", value_parser = duration, env = "SLABSOCKS_IDLE_TIMEOUT")]
     pub idle_timeout: Duration,
     /// Listen backlog: connections queued in the kernel until accepted [default: net.core.somaxconn].
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", env = "SLABSOCKS_BACKLOG")]
     pub backlog: Option<u32>,
     /// Independent loops, each with its own SO_REUSEPORT listener [default: one per CPU the process may use].
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", env = "SLABSOCKS_WORKERS")]
     pub workers: Option<usize>,
     /// Sessions held at once [default: from the open-file limit, 2 per session, after the pipes' share].
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", env = "SLABSOCKS_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
     /// Relay by copying through buffers only, never splice(2) through pipes.
-    #[arg(long)]
+    #[arg(long, env = "SLABSOCKS_NO_SPLICE")]
     pub no_splice: bool,
     /// Pipes open at once for splicing [default: an eighth of the open-file limit, 2 per pipe].
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", env = "SLABSOCKS_MAX_PIPES")]
     pub max_pipes: Option<usize>,
     /// Capacity asked of each pipe (suffixes k, m; 0: the kernel's 64k).
-    #[arg(long, value_name = "BYTES", default_value = "0", value_parser = size)]
+    #[arg(long, value_name = "BYTES", default_value = "0", value_parser = size, env = "SLABSOCKS_PIPE_SIZE")]
     pub pipe_size: usize,
     /// Bytes per relay buffer (suffixes k, m: 16k).
-    #[arg(long, value_name = "BYTES", default_value = "16k", value_parser = size)]
+    #[arg(long, value_name = "BYTES", default_value = "16k", value_parser = size, env = "SLABSOCKS_BUFFER_SIZE")]
     pub buffer_size: usize,
     /// Most threads resolving domain names, started on demand (0: refuse
     /// requests by name).
-    #[arg(long, value_name = "N", default_value_t = 4)]
+    #[arg(long, value_name = "N", default_value_t = 4, env = "SLABSOCKS_RESOLVER_THREADS")]
     pub resolver_threads: usize,
     /// On SIGINT/SIGTERM, time open sessions get to finish.
-    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = duration)]
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = duration, env = "SLABSOCKS_SHUTDOWN_GRACE")]
     pub shutdown_grace: Duration,
     /// off, error, warn, info, debug or trace.
-    #[arg(long, value_name = "LEVEL", default_value = "info")]
+    #[arg(long, value_name = "LEVEL", default_value = "info", env = "SLABSOCKS_LOG_LEVEL")]
     pub log_level: log::LevelFilter,
     /// Require username/password login; one name:password per line (SIGHUP reloads).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", env = "SLABSOCKS_USERS")]
     pub users: Option<PathBuf>,
     /// Clients in this range may skip login (repeatable; needs --users).
-    #[arg(long, value_name = "CIDR")]
+    #[arg(long, value_name = "CIDR", env = "SLABSOCKS_AUTH_EXEMPT", value_delimiter = ',')]
     pub auth_exempt: Vec<Cidr>,
     /// Serve only clients in these ranges (repeatable).
-    #[arg(long, value_name = "CIDR")]
+    #[arg(long, value_name = "CIDR", env = "SLABSOCKS_ALLOW_CLIENT", value_delimiter = ',')]
     pub allow_client: Vec<Cidr>,
     /// Allow only destinations matching a rule like 10.0.0.0/8:443 (repeatable).
-    #[arg(long, value_name = "CIDR[:PORTS]")]
+    #[arg(long, value_name = "CIDR[:PORTS]", env = "SLABSOCKS_ALLOW_DEST", value_delimiter = ',')]
     pub allow_dest: Vec<DestRule>,
     /// Deny destinations matching a rule like 192.0.2.0/24:8000-8999 (repeatable; wins over allow).
-    #[arg(long, value_name = "CIDR[:PORTS]")]
+    #[arg(long, value_name = "CIDR[:PORTS]", env = "SLABSOCKS_DENY_DEST", value_delimiter = ',')]
     pub deny_dest: Vec<DestRule>,
     /// Deny loopback, private, CGNAT, link-local, unique-local, multicast and unspecified destinations.
-    #[arg(long)]
+    #[arg(long, env = "SLABSOCKS_DENY_PRIVATE_DEST")]
     pub deny_private_dest: bool,
     /// Sessions allowed at once from one client address.
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", env = "SLABSOCKS_MAX_CONNECTIONS_PER_CLIENT")]
     pub max_connections_per_client: Option<u32>,
     /// Sessions allowed at once for one user.
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", env = "SLABSOCKS_MAX_CONNECTIONS_PER_USER")]
     pub max_connections_per_user: Option<u32>,
     /// Answer BIND with 0x07 (command not supported).
-    #[arg(long)]
+    #[arg(long, env = "SLABSOCKS_DISABLE_BIND")]
     pub disable_bind: bool,
     /// Time a BIND waits for its peer before replying 0x04.
-    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = duration)]
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = duration, env = "SLABSOCKS_BIND_TIMEOUT")]
     pub bind_timeout: Duration,
     /// Ports BIND listeners may use, like 40000-40999 (for a firewall).
-    #[arg(long, value_name = "LO-HI", value_parser = port_range)]
+    #[arg(long, value_name = "LO-HI", value_parser = port_range, env = "SLABSOCKS_BIND_PORT_RANGE")]
     pub bind_port_range: Option<(u16, u16)>,
     /// Address to advertise in BIND and UDP replies when behind NAT (repeatable: one IPv4, one IPv6).
-    #[arg(long = "external-addr", value_name = "ADDR")]
+    #[arg(long = "external-addr", value_name = "ADDR", env = "SLABSOCKS_EXTERNAL_ADDR", value_delimiter = ',')]
     pub external_addrs: Vec<std::net::IpAddr>,
     /// Source address of upstream connections (repeatable: one IPv4, one IPv6).
-    #[arg(long = "outbound-addr", value_name = "ADDR")]
+    #[arg(long = "outbound-addr", value_name = "ADDR", env = "SLABSOCKS_OUTBOUND_ADDR", value_delimiter = ',')]
     pub outbound_addrs: Vec<std::net::IpAddr>,
     /// Network interface upstream connections leave by (SO_BINDTODEVICE; needs CAP_NET_RAW).
-    #[arg(long, value_name = "IFACE")]
+    #[arg(long, value_name = "IFACE", env = "SLABSOCKS_OUTBOUND_INTERFACE")]
     pub outbound_interface: Option<String>,
     /// Log one line per finished session (at info level).
-    #[arg(long)]
+    #[arg(long, env = "SLABSOCKS_ACCESS_LOG")]
     pub access_log: bool,
     /// Do not serve SOCKS4/4a (a first byte of 0x04 gets a close).
-    #[arg(long)]
+    #[arg(long, env = "SLABSOCKS_DISABLE_SOCKS4")]
     pub disable_socks4: bool,
     /// Do not serve HTTP CONNECT (an HTTP request gets a 400 hint).
-    #[arg(long)]
+    #[arg(long, env = "SLABSOCKS_DISABLE_HTTP")]
     pub disable_http: bool,
     /// Answer UDP ASSOCIATE with 0x07 (command not supported).
-    #[arg(long)]
+    #[arg(long, env = "SLABSOCKS_DISABLE_UDP")]
     pub disable_udp: bool,
     /// Address for the client-facing UDP relay sockets [default: the one the client connected to].
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", env = "SLABSOCKS_UDP_BIND_ADDR")]
     pub udp_bind_addr: Option<std::net::IpAddr>,
     /// Ports client-facing UDP relay sockets may use, like 41000-41999.
-    #[arg(long, value_name = "LO-HI", value_parser = port_range)]
+    #[arg(long, value_name = "LO-HI", value_parser = port_range, env = "SLABSOCKS_UDP_PORT_RANGE")]
     pub udp_port_range: Option<(u16, u16)>,
     /// Which client datagrams are taken: ip, ip+port or none.
-    #[arg(long, value_name = "POLICY", default_value = "ip", value_parser = udp_match)]
+    #[arg(long, value_name = "POLICY", default_value = "ip", value_parser = udp_match, env = "SLABSOCKS_UDP_CLIENT_MATCH")]
     pub udp_client_match: slabsocks::UdpMatch,
     /// End a UDP association after this long without datagrams.
-    #[arg(long, value_name = "DURATION", default_value = "2m", value_parser = duration)]
+    #[arg(long, value_name = "DURATION", default_value = "2m", value_parser = duration, env = "SLABSOCKS_UDP_IDLE_TIMEOUT")]
     pub udp_idle_timeout: Duration,
     /// UDP associations held at once.
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", env = "SLABSOCKS_MAX_UDP_ASSOCIATIONS")]
     pub max_udp_associations: Option<usize>,
 }
 

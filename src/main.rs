@@ -66,7 +66,15 @@ fn load_users(path: &Path) -> Result<Users, slabsocks::users::UsersError> {
 }
 
 fn serve(config: slabsocks::Config, signals: Signals) -> std::io::Result<()> {
-    let server = Server::bind(config)?;
+    // systemd socket activation: serve the listeners it hands over
+    // (`--listen` is then ignored).
+    let server = match slabsocks::sys::activated_listeners()? {
+        Some(listeners) if !listeners.is_empty() => {
+            log::info!("socket activation: {} listener(s) handed over", listeners.len());
+            Server::from_listeners(listeners, config)?
+        }
+        _ => Server::bind(config)?,
+    };
     signals.serving(server.handle());
     server.run()
 }

@@ -156,12 +156,27 @@ impl Server {
     }
 
     /// Serves on a listener bound elsewhere (`config.listen` and
-    /// `config.backlog` are ignored: the listener keeps its own backlog),
-    /// with one worker whatever `config.workers` says.
+    /// `config.backlog` are ignored: the listener keeps its own backlog).
     pub fn from_listener(listener: std::net::TcpListener, config: Config) -> io::Result<Server> {
-        listener.set_nonblocking(true)?;
-        socket2::SockRef::from(&listener).set_tcp_nodelay(true)?;
-        Server::with_listeners(vec![vec![TcpListener::from_std(listener)]], Config { workers: 1, ..config })
+        Server::from_listeners(vec![listener], config)
+    }
+
+    /// Serves on listeners bound elsewhere (socket activation hands them
+    /// over so). With several workers, each gets a duplicate of every
+    /// listener: they share its one queue (no `SO_REUSEPORT` spreading; a
+    /// new connection wakes every worker and one of them takes it).
+    pub fn from_listeners(listeners: Vec<std::net::TcpListener>, config: Config) -> io::Result<Server> {
+        for l in &listeners {
+            l.set_nonblocking(true)?;
+            socket2::SockRef::from(l).set_tcp_nodelay(true)?;
+        }
+        let mut sets = Vec::with_capacity(config.workers);
+        for _ in 1..config.workers {
+            let set = listeners.iter().map(|l| l.try_clone().map(TcpListener::from_std)).collect::<io::Result<_>>()?;
+            sets.push(set);
+        }
+        sets.insert(0, listeners.into_iter().map(TcpListener::from_std).collect());
+        Server::with_listeners(sets, config)
     }
 
     /// `sets`: one set of listeners per worker, in the same address order.

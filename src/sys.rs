@@ -68,6 +68,44 @@ pub(crate) fn bind_address_no_port(socket: &socket2::Socket) -> io::Result<()> {
     if r == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
 }
 
+/// Listening sockets handed over by systemd socket activation (the
+/// `sd_listen_fds` protocol: `LISTEN_PID` names this process, `LISTEN_FDS`
+/// counts descriptors from 3). `None` when none were handed over; an error
+/// when one of them is not a listening TCP socket. The variables are left
+/// in place (changing the environment is unsafe once threads run).
+pub fn activated_listeners() -> io::Result<Option<Vec<std::net::TcpListener>>> {
+    const FIRST: i32 = 3;
+    let ours = std::env::var("LISTEN_PID").ok().and_then(|p| p.parse::<u32>().ok()) == Some(std::process::id());
+    let Some(n) = std::env::var("LISTEN_FDS").ok().and_then(|n| n.parse::<i32>().ok()).filter(|_| ours) else {
+        return Ok(None);
+    };
+    let bad = |fd| {
+        io::Error::new(io::ErrorKind::InvalidInput, format!("socket activation: fd {fd} is not a listening TCP socket"))
+    };
+    let mut listeners = Vec::new();
+    for fd in FIRST..FIRST.saturating_add(n.clamp(0, 64)) {
+        // SAFETY: fcntl(F_GETFD) only asks whether `fd` is open.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+            return Err(bad(fd));
+        }
+        // SAFETY: the protocol hands these descriptors to this process, which
+        // owns them from here on; nothing else in it uses them.
+        let socket = unsafe { <socket2::Socket as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        let tcp = socket.r#type().ok() == Some(socket2::Type::STREAM)
+            && socket.local_addr().ok().and_then(|a| a.as_socket()).is_some()
+            && socket.is_listener().unwrap_or(false);
+        if !tcp {
+            std::mem::forget(socket);
+            return Err(bad(fd));
+        }
+        socket.set_cloexec(true)?;
+        // Inherited by accepted sockets (see `Server::bind`).
+        socket.set_tcp_nodelay(true)?;
+        listeners.push(socket.into());
+    }
+    Ok(Some(listeners))
+}
+
 /// CPUs this process may run on: its affinity mask (`sched_getaffinity`),
 /// narrowed by a cgroup CPU quota where there is one; 1 if unknown.
 pub fn cpus() -> usize {

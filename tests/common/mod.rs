@@ -364,6 +364,20 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_slabsocks");
 pub struct Log(pub std::sync::mpsc::Receiver<String>, pub std::cell::RefCell<Vec<String>>);
 
 impl Log {
+    /// The lines of a child's stderr, read on a thread of their own (which
+    /// keeps draining, so the child never blocks on a full pipe).
+    pub fn from_stderr(stderr: std::process::ChildStderr) -> Log {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    continue;
+                }
+            }
+        });
+        Log(rx, Default::default())
+    }
+
     /// Finds (waiting, bounded) a line containing `text`, earlier lines
     /// included; returns it.
     pub fn wait_for(&self, text: &str) -> String {
@@ -451,16 +465,7 @@ pub fn start_logged(extra: &[&str]) -> (Spawned, String, Log) {
         .spawn()
         .unwrap();
     let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                // Nobody listens: keep draining so the child never blocks.
-                continue;
-            }
-        }
-    });
-    (Spawned(child), listen, Log(rx, Default::default()))
+    (Spawned(child), listen, Log::from_stderr(stderr))
 }
 
 /// Starts the binary on a free port and waits for its start-up line.
