@@ -236,6 +236,46 @@ mod tests {
         assert_eq!(&got, b"through the pipe");
     }
 
+    /// After `pipe2` failed, no new pipe is tried until a pipe has been
+    /// closed (by `put` or by a trim that closed some).
+    #[test]
+    fn exhaustion_lasts_until_a_pipe_is_closed() {
+        let mut pipes = Pipes::new(4, 0);
+        let a = pipes.take().unwrap();
+        pipes.put(a, true);
+        assert_eq!(pipes.take(), Some(a));
+        pipes.exhausted = true;
+        assert_eq!(pipes.take(), None, "no pipe2 while exhausted");
+        pipes.put(a, true);
+        assert_eq!(pipes.trim(), 0, "a was used this period");
+        assert!(pipes.exhausted, "a trim that closed nothing freed nothing");
+        assert_eq!(pipes.trim(), 1);
+        assert!(!pipes.exhausted, "a trim that closed a pipe ends it");
+        pipes.exhausted = true;
+        let b = pipes.take();
+        assert_eq!(b, None);
+        pipes.exhausted = false;
+        let b = pipes.take().unwrap();
+        pipes.exhausted = true;
+        pipes.put(b, false);
+        assert!(!pipes.exhausted, "closing a pipe ends it");
+    }
+
+    /// Pipes are non-blocking (a splice never waits on one) and close on
+    /// exec.
+    #[test]
+    fn pipes_are_non_blocking_and_close_on_exec() {
+        let mut pipes = Pipes::new(1, 0);
+        let id = pipes.take().unwrap();
+        let (r, w) = pipes.fds(id).unwrap();
+        for fd in [r, w] {
+            // SAFETY: fcntl reads the flags of a descriptor the pool owns.
+            let (fl, fd_fl) = unsafe { (libc::fcntl(fd, libc::F_GETFL), libc::fcntl(fd, libc::F_GETFD)) };
+            assert_ne!(fl & libc::O_NONBLOCK, 0);
+            assert_ne!(fd_fl & libc::FD_CLOEXEC, 0);
+        }
+    }
+
     #[test]
     fn the_pipe_size_is_set_and_read_back() {
         let mut pipes = Pipes::new(1, 256 * 1024);
