@@ -24,11 +24,15 @@ pub(crate) struct Counts {
     clients: HashMap<IpAddr, u32>,
     /// Sessions allowed per user (0: no limit, nothing counted).
     per_user: u32,
-    /// User names to ids (from 1); kept across users-file reloads, so a
-    /// session keeps counting against the right user.
+    /// Names of users with open sessions to their ids (from 1). A session
+    /// keeps counting against the right user across users-file reloads; a
+    /// name leaves the table with its last session, so the table holds only
+    /// users with sessions open, never every name that ever logged in.
     user_ids: HashMap<Box<[u8]>, u32>,
-    /// Open sessions by user id − 1.
-    user_sessions: Vec<u32>,
+    /// Open sessions and the name, by user id − 1.
+    user_sessions: Vec<(u32, Box<[u8]>)>,
+    /// Ids whose user has no session left, to be given out again.
+    free_ids: Vec<u32>,
 }
 
 impl Counts {
@@ -39,6 +43,7 @@ impl Counts {
             per_user: per_user.unwrap_or(0),
             user_ids: HashMap::new(),
             user_sessions: Vec::new(),
+            free_ids: Vec::new(),
         }))
     }
 }
@@ -88,13 +93,24 @@ impl Limits {
             return Some(0);
         }
         let mut c = lock(&self.counts);
-        let next = c.user_ids.len() as u32 + 1;
-        let id = *c.user_ids.entry(Box::from(user)).or_insert(next);
-        if c.user_sessions.len() < id as usize {
-            c.user_sessions.resize(id as usize, 0);
-        }
-        let n = &mut c.user_sessions[id as usize - 1];
+        let id = match c.user_ids.get(user) {
+            Some(&id) => id,
+            None => {
+                let id = match c.free_ids.pop() {
+                    Some(id) => id,
+                    None => {
+                        c.user_sessions.push((0, Box::default()));
+                        c.user_sessions.len() as u32
+                    }
+                };
+                c.user_sessions[id as usize - 1] = (0, Box::from(user));
+                c.user_ids.insert(Box::from(user), id);
+                id
+            }
+        };
+        let n = &mut c.user_sessions[id as usize - 1].0;
         if *n >= self.per_user {
+            // `per_user` is at least 1, so the entry has sessions: it stays.
             return None;
         }
         *n += 1;
@@ -116,8 +132,15 @@ impl Limits {
                 c.clients.remove(&ip);
             }
         }
-        if let Some(n) = user.checked_sub(1).and_then(|i| c.user_sessions.get_mut(i as usize)) {
-            *n = n.saturating_sub(1);
+        if let Some((n, name)) = user.checked_sub(1).and_then(|i| c.user_sessions.get_mut(i as usize))
+            && *n > 0
+        {
+            *n -= 1;
+            if *n == 0 {
+                let name = std::mem::take(name);
+                c.user_ids.remove(&name);
+                c.free_ids.push(user);
+            }
         }
     }
 }
@@ -161,6 +184,33 @@ mod tests {
         let mut off = Limits::new(None, None);
         assert_eq!(off.admit_user(b"alice"), Some(0));
         assert!(off.admit_client(0, "127.0.0.1".parse().unwrap()));
+    }
+
+    /// The table holds the users with sessions open, not every name that
+    /// ever logged in: a thousand users one after another leave it empty,
+    /// and their ids are reused.
+    #[test]
+    fn the_user_table_forgets_users_without_sessions() {
+        let mut l = Limits::new(None, Some(2));
+        for i in 0..1000 {
+            let name = format!("user{i}");
+            let id = l.admit_user(name.as_bytes()).unwrap();
+            let again = l.admit_user(name.as_bytes()).unwrap();
+            assert_eq!(id, again, "one id per user while it has sessions");
+            assert_eq!(l.admit_user(name.as_bytes()), None);
+            l.release(0, id);
+            l.release(0, again);
+        }
+        let c = lock(&l.counts);
+        assert!(c.user_ids.is_empty(), "{} names kept", c.user_ids.len());
+        assert_eq!(c.user_sessions.len(), 1, "ids are reused");
+        drop(c);
+        // Released twice: harmless, and no id is freed twice.
+        let id = l.admit_user(b"x").unwrap();
+        l.release(0, id);
+        l.release(0, id);
+        let (a, b) = (l.admit_user(b"a").unwrap(), l.admit_user(b"b").unwrap());
+        assert_ne!(a, b);
     }
 
     /// Two loops over the same counts: a client's sessions count together
