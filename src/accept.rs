@@ -8,6 +8,7 @@
 //! already queued, so on resuming the loop retries every listener.
 
 use crate::conn::{Conn, Env};
+use crate::stats::Stat;
 use crate::timer::Kind;
 use crate::token::{self, ID_MAX, Role};
 use crate::warn::Warn;
@@ -74,6 +75,10 @@ impl Accept {
         self
     }
 
+    pub(crate) fn max_conns(&self) -> usize {
+        self.max_conns
+    }
+
     pub(crate) fn listeners(&self) -> usize {
         self.listeners.len()
     }
@@ -101,6 +106,7 @@ impl Accept {
             }
             if load(conns.len(), env.third_fd) >= self.max_conns {
                 self.gate = Gate::Full;
+                env.stats.inc(Stat::AcceptPauses);
                 let (max, resume) = (self.max_conns, self.resume_at);
                 let queue = self.backlog.map_or("the listen backlog".to_string(), |b| format!("a backlog of {b}"));
                 env.warnings.warn(
@@ -119,6 +125,7 @@ impl Accept {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Accepted::Done,
                 Err(e) if is_resource_error(&e) => {
                     self.gate = Gate::Backoff(now + BACKOFF);
+                    env.stats.inc(Stat::AcceptBackoffs);
                     env.warnings.warn(Warn::Accept, now, format_args!("accept: {e}; pausing for {BACKOFF:?}"));
                     return Accepted::Done;
                 }
@@ -140,8 +147,10 @@ impl Accept {
         registry: &Registry,
         now: Instant,
     ) {
+        env.stats.inc(Stat::Accepted);
         if !env.rules.client_allowed(peer.ip()) {
             debug!("{peer} refused: not an allowed client");
+            env.stats.inc(Stat::RuleDenials);
             return;
         }
         let key = conns.vacant_key();

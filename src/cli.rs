@@ -102,6 +102,9 @@ pub struct Cli {
     /// Network interface upstream connections leave by (SO_BINDTODEVICE; needs CAP_NET_RAW).
     #[arg(long, value_name = "IFACE", env = "SLABSOCKS_OUTBOUND_INTERFACE")]
     pub outbound_interface: Option<String>,
+    /// Serve Prometheus metrics at http://ADDR/metrics.
+    #[arg(long, value_name = "ADDR", env = "SLABSOCKS_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
     /// Log one line per finished session (at info level).
     #[arg(long, env = "SLABSOCKS_ACCESS_LOG")]
     pub access_log: bool,
@@ -165,6 +168,7 @@ impl Cli {
             outbound_addrs: self.outbound_addrs.clone(),
             outbound_interface: self.outbound_interface.clone(),
             access_log: self.access_log,
+            metrics_listen: self.metrics_listen,
             socks4: !self.disable_socks4,
             http: !self.disable_http,
             udp: !self.disable_udp,

@@ -87,6 +87,9 @@ pub struct Config {
     /// The network interface upstream connections leave by
     /// (`SO_BINDTODEVICE`, Linux; needs `CAP_NET_RAW`).
     pub outbound_interface: Option<String>,
+    /// Serve Prometheus metrics (`GET /metrics`) on this address, from the
+    /// first worker's loop.
+    pub metrics_listen: Option<SocketAddr>,
     /// Log one line per finished session at info level (client, user,
     /// protocol and command, requested destination, the address connected,
     /// reply, bytes each way, duration, why it ended).
@@ -143,6 +146,7 @@ impl Default for Config {
             outbound_addrs: Vec::new(),
             outbound_interface: None,
             access_log: false,
+            metrics_listen: None,
             socks4: true,
             http: true,
             udp: true,

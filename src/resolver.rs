@@ -197,6 +197,11 @@ impl Resolver {
         lock(&self.shared.queue).running
     }
 
+    /// Look-ups waiting for a helper.
+    pub(crate) fn queued(&self) -> usize {
+        lock(&self.shared.queue).jobs.len()
+    }
+
     /// Moves every answer so far into `out`.
     pub(crate) fn drain(&self, out: &mut Vec<Answer>) {
         out.append(&mut lock(&self.shared.answers));

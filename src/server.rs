@@ -7,9 +7,11 @@ use crate::buf::{Pool, TRIM_PERIOD};
 use crate::config::Config;
 use crate::conn::{BindSettings, Conn, Ctx, Dialects, Env, Outbound, Ready, Step, UdpSettings};
 use crate::limits::{Counts, Limits};
+use crate::metrics::Metrics;
 use crate::pipe::Pipes;
 use crate::resolver::Purpose;
 use crate::resolver::{Answer, Resolver};
+use crate::stats::{Published, Stat, Stats};
 use crate::sys;
 use crate::timer::{LINGER, Timers};
 use crate::token::{self, MAX_KEY, MAX_LISTENERS, Owner, WAKER};
@@ -28,6 +30,8 @@ use std::time::{Duration, Instant};
 struct Shared {
     stop: AtomicBool,
     sessions: AtomicUsize,
+    /// The loop's counters, as of its last turn.
+    stats: Arc<Published>,
     /// A users table waiting to replace the loop's.
     new_users: Mutex<Option<Users>>,
 }
@@ -93,6 +97,8 @@ struct Worker {
 /// per-user counts and the stop and reload requests.
 pub struct Server {
     workers: Vec<Worker>,
+    /// The metrics endpoint's listener, served by the first worker.
+    metrics: Option<TcpListener>,
     addrs: Vec<SocketAddr>,
     config: Config,
     /// The listen backlog in force, when we made the listeners.
@@ -155,6 +161,11 @@ impl Server {
         Ok(server)
     }
 
+    /// The metrics endpoint's address, when `metrics_listen` is set.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
     /// Serves on a listener bound elsewhere (`config.listen` and
     /// `config.backlog` are ignored: the listener keeps its own backlog).
     pub fn from_listener(listener: std::net::TcpListener, config: Config) -> io::Result<Server> {
@@ -208,6 +219,7 @@ impl Server {
             let shared = Arc::new(Shared {
                 stop: AtomicBool::new(false),
                 sessions: AtomicUsize::new(0),
+                stats: Arc::default(),
                 new_users: Mutex::new(None),
             });
             let share = |total: usize| total / n + usize::from(index < total % n);
@@ -217,7 +229,14 @@ impl Server {
         let loops: Vec<LoopHandle> =
             workers.iter().map(|w| LoopHandle { waker: Arc::clone(&w.waker), shared: Arc::clone(&w.shared) }).collect();
         let counts = Counts::new(config.max_connections_per_client, config.max_connections_per_user);
-        Ok(Server { workers, addrs, config, backlog: None, counts, handle: Handle { loops: loops.into() } })
+        let metrics = match config.metrics_listen {
+            Some(addr) => Some(
+                listen(addr, 128, false)
+                    .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr} for metrics: {e}")))?,
+            ),
+            None => None,
+        };
+        Ok(Server { workers, metrics, addrs, config, backlog: None, counts, handle: Handle { loops: loops.into() } })
     }
 
     /// The bound addresses, in `config.listen` order.
@@ -243,9 +262,15 @@ impl Server {
     /// the grace period and returns. Worker 0 runs on this thread, the
     /// others on threads of their own; a worker that fails stops them all.
     pub fn run(self) -> io::Result<()> {
-        let Server { workers, addrs, config, backlog, counts, handle } = self;
+        let Server { workers, metrics, addrs, config, backlog, counts, handle } = self;
         log_start(&config, &addrs, backlog, &workers);
         let n = workers.len();
+        let published: Arc<[Arc<Published>]> = workers.iter().map(|w| Arc::clone(&w.shared.stats)).collect();
+        if let Some(l) = &metrics
+            && let Ok(a) = l.local_addr()
+        {
+            info!("metrics on http://{a}/metrics");
+        }
         let mut rest = Vec::with_capacity(workers.len().saturating_sub(1));
         let mut workers = workers.into_iter();
         let Some(first) = workers.next() else { return Ok(()) };
@@ -253,7 +278,7 @@ impl Server {
             let (config, counts, all) = (config.clone(), Arc::clone(&counts), handle.clone());
             let index = w.index;
             let spawned = std::thread::Builder::new().name(format!("slabsocks-w{index}")).spawn(move || {
-                let r = w.run(config, counts, n, backlog);
+                let r = w.run(config, counts, n, backlog, None);
                 if r.is_err() {
                     all.shutdown();
                 }
@@ -270,7 +295,17 @@ impl Server {
                 }
             }
         }
-        let mut result = first.run(config, counts, n, backlog);
+        let metrics = match metrics.map(|l| Metrics::new(l, published, first.poll.registry())).transpose() {
+            Ok(m) => m,
+            Err(e) => {
+                handle.shutdown();
+                for t in rest {
+                    let _ = t.join();
+                }
+                return Err(e);
+            }
+        };
+        let mut result = first.run(config, counts, n, backlog, metrics);
         if result.is_err() {
             handle.shutdown();
         }
@@ -321,7 +356,14 @@ fn log_start(c: &Config, addrs: &[SocketAddr], backlog: Option<u32>, workers: &[
 impl Worker {
     /// Runs this loop, one of `workers`; `backlog` is the listeners' (for
     /// the log), when we made them.
-    fn run(self, config: Config, counts: Arc<Mutex<Counts>>, workers: usize, backlog: Option<u32>) -> io::Result<()> {
+    fn run(
+        self,
+        config: Config,
+        counts: Arc<Mutex<Counts>>,
+        workers: usize,
+        backlog: Option<u32>,
+        metrics: Option<Metrics>,
+    ) -> io::Result<()> {
         let c = &config;
         let resolver = match c.resolver_threads {
             0 => None,
@@ -357,6 +399,7 @@ impl Worker {
             },
             outbound: Outbound::new(&c.outbound_addrs, c.outbound_interface.as_deref()),
             access: c.access_log.then(Access::default),
+            stats: Stats::default(),
             open: 0,
             max_conns: self.max_conns,
             third_fd: 0,
@@ -364,6 +407,7 @@ impl Worker {
         };
         let Worker { index, poll, listeners, max_conns, shared, .. } = self;
         let mut lp = Loop {
+            metrics,
             poll,
             accept: Accept::new(listeners, max_conns, backlog).worker(index, workers),
             config,
@@ -390,6 +434,8 @@ enum Turn {
 }
 
 struct Loop {
+    /// The metrics endpoint (the first worker's loop only).
+    metrics: Option<Metrics>,
     poll: Poll,
     accept: Accept,
     config: Config,
@@ -424,6 +470,16 @@ impl Loop {
                 match token::owner(ev.token()) {
                     Some(Owner::Waker) => self.on_wake(),
                     Some(Owner::Listener(i)) => self.accept(i),
+                    Some(Owner::MetricsListener) => {
+                        if let Some(m) = &mut self.metrics {
+                            m.accept(self.poll.registry(), self.now);
+                        }
+                    }
+                    Some(Owner::Metrics(i)) => {
+                        if let Some(m) = &mut self.metrics {
+                            m.drive(i);
+                        }
+                    }
                     Some(Owner::Session { key, id, role }) => self.session_event(key, id, Ready::from_event(ev, role)),
                     None => {}
                 }
@@ -447,7 +503,8 @@ impl Loop {
         if !self.again.is_empty() {
             return Some(Duration::ZERO);
         }
-        [self.env.timers.next_deadline(), self.accept.deadline(), self.stop_deadline, Some(self.next_trim)]
+        let metrics = self.metrics.as_ref().and_then(Metrics::deadline);
+        [self.env.timers.next_deadline(), self.accept.deadline(), self.stop_deadline, Some(self.next_trim), metrics]
             .into_iter()
             .flatten()
             .min()
@@ -618,6 +675,14 @@ impl Loop {
             self.retry_listeners();
         }
         self.shared.sessions.store(self.conns.len(), Ordering::Relaxed);
+        if let Some(m) = &mut self.metrics {
+            m.expire(self.now);
+        }
+        let stats = &mut self.env.stats;
+        stats.set(Stat::Active, self.conns.len() as u64);
+        stats.set(Stat::MaxConnections, self.accept.max_conns() as u64);
+        stats.set(Stat::ResolverQueue, self.env.resolver.as_ref().map_or(0, |r| r.queued()) as u64);
+        stats.publish(&self.shared.stats);
     }
 }
 

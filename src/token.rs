@@ -50,12 +50,19 @@ pub(crate) const WAKER: Token = Token(usize::MAX);
 /// At most this many listeners (reserved tokens below the waker's).
 pub(crate) const MAX_LISTENERS: usize = 64;
 const LISTENER_BASE: usize = usize::MAX - 1;
+/// The metrics endpoint's listener, and its connections below it.
+pub(crate) const METRICS_LISTENER: Token = Token(LISTENER_BASE - MAX_LISTENERS);
+/// At most this many metrics connections at once.
+pub(crate) const MAX_METRICS: usize = 4;
+const METRICS_BASE: usize = LISTENER_BASE - MAX_LISTENERS - 1;
 
 /// What a token stands for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Owner {
     Waker,
     Listener(usize),
+    MetricsListener,
+    Metrics(usize),
     /// `id` holds only the bits the token carries: compare with [`same_id`].
     Session {
         key: usize,
@@ -74,11 +81,22 @@ pub(crate) fn listener(i: usize) -> Token {
     Token(LISTENER_BASE - i)
 }
 
+pub(crate) fn metrics(i: usize) -> Token {
+    debug_assert!(i < MAX_METRICS);
+    Token(METRICS_BASE - i)
+}
+
 pub(crate) fn owner(t: Token) -> Option<Owner> {
     if t == WAKER {
         return Some(Owner::Waker);
     }
+    if t == METRICS_LISTENER {
+        return Some(Owner::MetricsListener);
+    }
     if t.0 >> (usize::BITS - 1) == 1 {
+        if let Some(i) = METRICS_BASE.checked_sub(t.0) {
+            return (i < MAX_METRICS).then_some(Owner::Metrics(i));
+        }
         let i = LISTENER_BASE.checked_sub(t.0)?;
         return (i < MAX_LISTENERS).then_some(Owner::Listener(i));
     }
@@ -111,7 +129,13 @@ mod tests {
         assert_eq!(owner(WAKER), Some(Owner::Waker));
         assert_eq!(owner(listener(0)), Some(Owner::Listener(0)));
         assert_eq!(owner(listener(MAX_LISTENERS - 1)), Some(Owner::Listener(MAX_LISTENERS - 1)));
-        assert_eq!(owner(Token(LISTENER_BASE - MAX_LISTENERS)), None);
+        assert_eq!(owner(METRICS_LISTENER), Some(Owner::MetricsListener));
+        assert_eq!(owner(metrics(0)), Some(Owner::Metrics(0)));
+        assert_eq!(owner(metrics(MAX_METRICS - 1)), Some(Owner::Metrics(MAX_METRICS - 1)));
+        assert_eq!(owner(Token(METRICS_BASE - MAX_METRICS)), None);
+        for i in 0..MAX_LISTENERS {
+            assert_ne!(listener(i), METRICS_LISTENER);
+        }
     }
 
     /// Every field is its own: changing one never yields another's token.

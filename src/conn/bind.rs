@@ -213,8 +213,8 @@ impl Binding {
             return fail(carry, Reply::GeneralFailure, client, ctx);
         }
         // RFC 1928 §6: the second reply's BND.ADDR/BND.PORT are the peer's.
+        ctx.replied(0);
         if let Some(r) = ctx.record() {
-            r.reply = Some(0);
             r.connected = Some(addr);
         }
         let relay = super::Relay::new(peer, carry);

@@ -9,6 +9,7 @@ use super::{Carry, Client, Close, Ctx, Dialect, Flow, Outbound, Outcome, Ready, 
 use crate::buf::Pool;
 use crate::proto::{Command, Reply};
 use crate::resolver::{Job, Purpose};
+use crate::stats::Stat;
 use crate::timer::Kind;
 use crate::token::Role;
 use crate::warn::Warn;
@@ -39,6 +40,16 @@ pub(crate) struct Request {
 pub(crate) fn start(request: Request, client: &mut Client, ctx: &mut Ctx<'_>) -> (State, Flow) {
     let Request { command, target, carry } = request;
     let dialect = client.dialect;
+    ctx.env.stats.inc(match command {
+        Command::Connect => Stat::CommandConnect,
+        Command::Bind => Stat::CommandBind,
+        Command::UdpAssociate => Stat::CommandUdp,
+    });
+    ctx.env.stats.inc(match dialect {
+        Dialect::Socks5 => Stat::ProtocolSocks5,
+        Dialect::Socks4 => Stat::ProtocolSocks4,
+        Dialect::Http => Stat::ProtocolHttp,
+    });
     if let Some(r) = ctx.record() {
         r.protocol = match dialect {
             Dialect::Socks5 => "socks5",
@@ -137,6 +148,7 @@ impl Resolving {
             Ok(list) => dial(self.command, Addrs::list(list), self.carry, client, ctx),
             Err(e) => {
                 log::debug!("#{} look-up failed: {e}", ctx.id);
+                ctx.env.stats.inc(Stat::LookupFailures);
                 fail(self.carry, Reply::from_io(&e), client, ctx)
             }
         }
@@ -247,6 +259,7 @@ fn connect(mut addrs: Addrs, carry: Carry, mut last: Last, client: &mut Client, 
     while let Some(addr) = addrs.next() {
         if !ctx.env.rules.dest_allowed(addr) {
             log::debug!("#{} {addr} denied by rule", ctx.id);
+            ctx.env.stats.inc(Stat::RuleDenials);
             if let Last::Nothing = last {
                 last = Last::Denied;
             }
@@ -305,8 +318,8 @@ fn connected(up: TcpStream, carry: Carry, client: &mut Client, ctx: &mut Ctx<'_>
     let Ok(bnd) = up.local_addr() else {
         return fail(carry, Reply::GeneralFailure, client, ctx);
     };
+    ctx.replied(0);
     if let Some(r) = ctx.record() {
-        r.reply = Some(0);
         r.connected = up.peer_addr().ok();
     }
     let relay = super::Relay::new(up, carry);

@@ -256,6 +256,7 @@ fn login(user: &[u8], password: &[u8], client: &mut Client, ctx: &mut Ctx<'_>) -
         _ => Err(Close::LoginFailed),
     };
     if let Err(why) = verdict {
+        env.stats.inc(crate::stats::Stat::AuthFailures);
         let (id, peer, user) = (ctx.id, Peer(&client.stream), user.escape_ascii());
         env.warnings.warn(Warn::Login, ctx.now, format_args!("#{id} {why}: user \"{user}\" from {peer}"));
     }

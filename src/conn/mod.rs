@@ -27,6 +27,7 @@ use crate::proto::http_response;
 use crate::proto::{Addr, MAX_REPLY_LEN, Reply, encode_reply, encode_socks4_reply};
 use crate::resolver::Resolver;
 use crate::rules::Rules;
+use crate::stats::Stats;
 use crate::timer::{Kind, Timers};
 use crate::token::{self, Role};
 use crate::users::Users;
@@ -303,6 +304,8 @@ pub(crate) struct Env {
     pub outbound: Outbound,
     /// The access log's records, when it is on.
     pub access: Option<Access>,
+    /// This loop's counters (for `--metrics-listen`).
+    pub stats: Stats,
     /// Sessions open, and the limit (for BIND's descriptor budget).
     pub open: usize,
     pub max_conns: usize,
@@ -324,6 +327,15 @@ impl Ctx<'_> {
     /// This session's access-log record, when the log is on.
     pub fn record(&mut self) -> Option<&mut Record> {
         self.env.access.as_mut()?.get(self.key)
+    }
+
+    /// A reply with SOCKS5 code `code` (SOCKS4 and HTTP answers mapped)
+    /// goes to the client: counted, and noted in the access log.
+    pub fn replied(&mut self, code: u8) {
+        self.env.stats.reply(code);
+        if let Some(r) = self.record() {
+            r.reply = Some(code);
+        }
     }
 }
 
@@ -670,13 +682,11 @@ pub(crate) fn refuse(from: impl Recycle, outcome: Outcome, client: &mut Client, 
         Outcome::Failed(rep) => Close::Failed(rep),
         Outcome::TimedOut | Outcome::Granted(_) => Close::TimedOut,
     };
-    if let Some(r) = ctx.record() {
-        r.reply = Some(match outcome {
-            Outcome::Failed(rep) => rep as u8,
-            Outcome::TimedOut => Reply::HostUnreachable as u8,
-            Outcome::Granted(_) => 0,
-        });
-    }
+    ctx.replied(match outcome {
+        Outcome::Failed(rep) => rep as u8,
+        Outcome::TimedOut => Reply::HostUnreachable as u8,
+        Outcome::Granted(_) => 0,
+    });
     // A client that is gone makes the send fail, and the linger's first
     // read end the session.
     let why = if answer(client, outcome) { why } else { Close::ClientGone };
@@ -746,6 +756,7 @@ mod tests {
             },
             outbound: Outbound::default(),
             access: None,
+            stats: Stats::default(),
             open: 0,
             max_conns: 10,
             third_fd: 0,

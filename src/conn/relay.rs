@@ -21,6 +21,7 @@
 use super::{Carry, Client, Close, Ctx, Flow, Ready, Recycle, State, linger};
 use crate::buf::{Buf, Io, Pool, read, write};
 use crate::pipe::{PipeId, splice};
+use crate::stats::Stat;
 use crate::timer::Kind;
 use mio::net::TcpStream;
 use std::io;
@@ -392,6 +393,8 @@ impl Relay {
         let [up, down] = p.moved;
         if moved {
             ctx.env.timers.touch(ctx.key, Kind::Idle, ctx.now);
+            ctx.env.stats.add(Stat::BytesUp, up);
+            ctx.env.stats.add(Stat::BytesDown, down);
             if let Some(r) = ctx.record() {
                 r.up += up;
                 r.down += down;

@@ -121,9 +121,7 @@ pub(crate) fn start(dst_port: u16, carry: Carry, client: &mut Client, ctx: &mut 
     // nothing to UDP ASSOCIATE.
     carry.recycle(&mut ctx.env.pool);
     let assoc = Box::new(Associated { near, far, far_v6, client_ip, pinned, pending: None, cache: Default::default() });
-    if let Some(r) = ctx.record() {
-        r.reply = Some(0);
-    }
+    ctx.replied(0);
     if !answer(client, Outcome::Granted(SocketAddr::new(advertised, near_addr.port()))) {
         return (State::Associated(assoc), Flow::Close(Close::ClientGone));
     }
