@@ -148,13 +148,22 @@ impl Accept {
         now: Instant,
     ) {
         env.stats.inc(Stat::Accepted);
-        if !env.rules.client_allowed(peer.ip()) {
+        let key = conns.vacant_key();
+        // Behind a load balancer the client rules and limits wait for the
+        // PROXY header, which names the client; only trusted peers may
+        // send one.
+        let proxied = env.proxied.as_ref().map(|p| p.trusted(peer.ip()));
+        if proxied == Some(false) {
+            debug!("{peer} refused: not allowed to send a PROXY header");
+            env.stats.inc(Stat::RuleDenials);
+            return;
+        }
+        if proxied.is_none() && !env.rules.client_allowed(peer.ip()) {
             debug!("{peer} refused: not an allowed client");
             env.stats.inc(Stat::RuleDenials);
             return;
         }
-        let key = conns.vacant_key();
-        if !env.limits.admit_client(key, peer.ip()) {
+        if proxied.is_none() && !env.limits.admit_client(key, peer.ip()) {
             env.warnings.warn(
                 Warn::PerClient,
                 now,
@@ -174,8 +183,8 @@ impl Accept {
             return;
         }
         debug!("#{id} accepted from {peer} (worker {}, slot {key})", self.worker);
-        let exempt = env.rules.auth_exempt(peer.ip());
-        conns.insert(Conn::new(id, stream, exempt, &mut env.pool));
+        let exempt = proxied.is_none() && env.rules.auth_exempt(peer.ip());
+        conns.insert(Conn::new(id, stream, exempt, proxied.is_some(), &mut env.pool));
         if let Some(access) = &mut env.access {
             access.open(key, Some(peer), now);
         }

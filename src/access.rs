@@ -13,7 +13,7 @@ use std::time::Instant;
 /// What the access log says of one session.
 pub(crate) struct Record {
     started: Instant,
-    client: Option<SocketAddr>,
+    pub client: Option<SocketAddr>,
     pub user: Option<Box<str>>,
     pub protocol: &'static str,
     pub command: &'static str,

@@ -102,6 +102,12 @@ pub struct Cli {
     /// Network interface upstream connections leave by (SO_BINDTODEVICE; needs CAP_NET_RAW).
     #[arg(long, value_name = "IFACE", env = "SLABSOCKS_OUTBOUND_INTERFACE")]
     pub outbound_interface: Option<String>,
+    /// Expect a PROXY protocol header (v1 or v2) first on every connection, from a load balancer.
+    #[arg(long, env = "SLABSOCKS_PROXY_PROTOCOL")]
+    pub proxy_protocol: bool,
+    /// Only these may send a PROXY header; others are closed at accept (repeatable).
+    #[arg(long, value_name = "CIDR", env = "SLABSOCKS_PROXY_PROTOCOL_FROM", value_delimiter = ',')]
+    pub proxy_protocol_from: Vec<Cidr>,
     /// Serve Prometheus metrics at http://ADDR/metrics.
     #[arg(long, value_name = "ADDR", env = "SLABSOCKS_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
@@ -169,6 +175,8 @@ impl Cli {
             outbound_interface: self.outbound_interface.clone(),
             access_log: self.access_log,
             metrics_listen: self.metrics_listen,
+            proxy_protocol: self.proxy_protocol,
+            proxy_protocol_from: self.proxy_protocol_from.clone(),
             socks4: !self.disable_socks4,
             http: !self.disable_http,
             udp: !self.disable_udp,

@@ -87,6 +87,14 @@ pub struct Config {
     /// The network interface upstream connections leave by
     /// (`SO_BINDTODEVICE`, Linux; needs `CAP_NET_RAW`).
     pub outbound_interface: Option<String>,
+    /// Every connection starts with a PROXY protocol header (v1 or v2)
+    /// from a load balancer, whose source address then stands for the
+    /// client: in the client rules, per-client limits, the access log and
+    /// the UDP client check. A connection without a valid header is closed.
+    pub proxy_protocol: bool,
+    /// Who may send a PROXY header: connections from elsewhere are closed
+    /// at accept. Empty: anyone (keep the port away from clients then).
+    pub proxy_protocol_from: Vec<crate::rules::Cidr>,
     /// Serve Prometheus metrics (`GET /metrics`) on this address, from the
     /// first worker's loop.
     pub metrics_listen: Option<SocketAddr>,
@@ -147,6 +155,8 @@ impl Default for Config {
             outbound_interface: None,
             access_log: false,
             metrics_listen: None,
+            proxy_protocol: false,
+            proxy_protocol_from: Vec::new(),
             socks4: true,
             http: true,
             udp: true,
@@ -262,6 +272,9 @@ impl Config {
         }
         if self.outbound_interface.as_ref().is_some_and(|i| i.is_empty() || i.len() >= 16 || i.contains('\0')) {
             return err("an interface name is 1 to 15 bytes");
+        }
+        if !self.proxy_protocol && !self.proxy_protocol_from.is_empty() {
+            return err("--proxy-protocol-from needs --proxy-protocol");
         }
         if self.resolver_threads > 64 {
             return err("at most 64 resolver threads");

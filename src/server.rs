@@ -5,7 +5,7 @@ use crate::accept::{Accept, Accepted};
 use crate::access::Access;
 use crate::buf::{Pool, TRIM_PERIOD};
 use crate::config::Config;
-use crate::conn::{BindSettings, Conn, Ctx, Dialects, Env, Outbound, Ready, Step, UdpSettings};
+use crate::conn::{BindSettings, Conn, Ctx, Dialects, Env, Outbound, Proxied, Ready, Step, UdpSettings};
 use crate::limits::{Counts, Limits};
 use crate::metrics::Metrics;
 use crate::pipe::Pipes;
@@ -400,6 +400,7 @@ impl Worker {
             outbound: Outbound::new(&c.outbound_addrs, c.outbound_interface.as_deref()),
             access: c.access_log.then(Access::default),
             stats: Stats::default(),
+            proxied: c.proxy_protocol.then(|| Proxied::new(c.proxy_protocol_from.clone())),
             open: 0,
             max_conns: self.max_conns,
             third_fd: 0,
@@ -553,6 +554,9 @@ impl Loop {
         debug!("#{} closed: {why}", conn.id);
         if let Some(access) = &mut self.env.access {
             access.close(key, why, self.now);
+        }
+        if let Some(p) = &mut self.env.proxied {
+            p.set(key, None);
         }
         self.env.limits.release(key, conn.client.user);
         // Dropping the sockets closes them, which removes them from the poll
@@ -721,7 +725,7 @@ mod tests {
         stream.set_nonblocking(true).unwrap();
         let mut pool = Pool::new(4096);
         let mut conns = Slab::new();
-        let key = conns.insert(Conn::new(41, mio::net::TcpStream::from_std(stream), false, &mut pool));
+        let key = conns.insert(Conn::new(41, mio::net::TcpStream::from_std(stream), false, false, &mut pool));
         for id in [Id::FromToken(41), Id::Whole(41)] {
             assert!(current(&mut conns, key, id).is_some(), "{id:?}");
         }

@@ -12,8 +12,8 @@ use super::{
 };
 use crate::buf::{Buf, HANDSHAKE_BUF, Io, Pool, read};
 use crate::proto::{
-    Addr, Command, Credentials, HTTP_400, Method, Reply, Sniff, Status, encode_auth_reply, encode_method, parse_auth,
-    parse_greeting, parse_request, parse_socks4, sniff,
+    Addr, Command, Credentials, HTTP_400, Method, ProxyHeader, Reply, Sniff, Status, encode_auth_reply, encode_method,
+    parse_auth, parse_greeting, parse_proxy, parse_request, parse_socks4, sniff,
 };
 #[cfg(feature = "http")]
 use crate::proto::{basic_credentials, http_response, parse_connect};
@@ -21,6 +21,8 @@ use crate::warn::Warn;
 use std::net::{IpAddr, SocketAddr};
 
 enum Phase {
+    /// `--proxy-protocol`: the PROXY header, which names the client.
+    Proxy,
     /// The first byte picks the dialect.
     Sniff,
     /// SOCKS5 method negotiation.
@@ -86,14 +88,16 @@ enum Next {
 }
 
 impl Handshake {
-    pub(crate) fn new(buf: Buf) -> Handshake {
-        Handshake { buf, len: 0, phase: Phase::Sniff }
+    /// `proxied`: a PROXY header comes first.
+    pub(crate) fn new(buf: Buf, proxied: bool) -> Handshake {
+        Handshake { buf, len: 0, phase: if proxied { Phase::Proxy } else { Phase::Sniff } }
     }
 
     pub(crate) fn step(mut self, client: &mut Client, ctx: &mut Ctx<'_>) -> Progress {
         loop {
             let data = &self.buf[..self.len];
             let next = match self.phase {
+                Phase::Proxy => proxy_header(data, client, ctx),
                 Phase::Sniff => dialect(data, client, ctx),
                 Phase::Greeting => greeting(data, client, ctx),
                 Phase::Auth => auth(data, client, ctx),
@@ -167,6 +171,48 @@ impl Handshake {
             }
         }
     }
+}
+
+/// The PROXY header: its source address is the client from here on, in
+/// the client rules, the per-client limit and the auth exemption (all
+/// postponed at accept for this), the access log and the UDP check. A
+/// LOCAL header (a health check) leaves the connection's own address.
+fn proxy_header(data: &[u8], client: &mut Client, ctx: &mut Ctx<'_>) -> Next {
+    let (header, n) = match parse_proxy(data) {
+        Ok(Status::Partial) => return Next::Read,
+        Err(_) => return Next::Close(Close::BadProxyHeader),
+        Ok(Status::Complete(header, n)) => (header, n),
+    };
+    let source = match header {
+        ProxyHeader::Proxied { source, .. } => Some(source),
+        ProxyHeader::Local => None,
+    };
+    let Some(addr) = source.or_else(|| client.stream.peer_addr().ok()) else {
+        return Next::Close(Close::ClientGone);
+    };
+    let env = &mut *ctx.env;
+    if !env.rules.client_allowed(addr.ip()) {
+        env.stats.inc(crate::stats::Stat::RuleDenials);
+        log::debug!("#{} PROXY client {addr} refused: not an allowed client", ctx.id);
+        return Next::Close(Close::ProxiedClientRefused);
+    }
+    if !env.limits.admit_client(ctx.key, addr.ip()) {
+        env.warnings.warn(
+            Warn::PerClient,
+            ctx.now,
+            format_args!("{addr} refused: its address has its maximum of connections"),
+        );
+        return Next::Close(Close::ProxiedClientRefused);
+    }
+    client.exempt = env.rules.auth_exempt(addr.ip());
+    if let Some(p) = &mut env.proxied {
+        p.set(ctx.key, source);
+    }
+    if let Some(r) = env.access.as_mut().and_then(|a| a.get(ctx.key)) {
+        r.client = Some(addr);
+    }
+    log::debug!("#{} PROXY header: client {addr}", ctx.id);
+    Next::Phase(Phase::Sniff, n)
 }
 
 /// The first byte picks the dialect; a dialect turned off is closed

@@ -156,6 +156,12 @@ pub(crate) enum Close {
     Socks4NeedsLogin,
     /// An HTTP request answered with this status and closed.
     Http(u16),
+    /// `--proxy-protocol`: the connection did not start with a valid
+    /// header.
+    BadProxyHeader,
+    /// `--proxy-protocol`: the address in the header is not an allowed
+    /// client, or has its maximum of connections.
+    ProxiedClientRefused,
 }
 
 impl fmt::Display for Close {
@@ -196,6 +202,8 @@ impl fmt::Display for Close {
             Close::Http(429) => "HTTP 429: user at its session limit",
             Close::Http(431) => "HTTP 431: request head too large",
             Close::Http(_) => "HTTP error",
+            Close::BadProxyHeader => "no valid PROXY protocol header",
+            Close::ProxiedClientRefused => "the client in the PROXY header is refused",
         };
         f.write_str(s)
     }
@@ -288,6 +296,35 @@ impl Outbound {
     }
 }
 
+/// The PROXY protocol's state: who may send a header, and the client
+/// address each session's header gave (`None`: the connection's own).
+pub(crate) struct Proxied {
+    pub from: Vec<crate::rules::Cidr>,
+    pub addrs: Vec<Option<SocketAddr>>,
+}
+
+impl Proxied {
+    pub fn new(from: Vec<crate::rules::Cidr>) -> Proxied {
+        Proxied { from, addrs: Vec::new() }
+    }
+
+    /// Whether a connection from `ip` may (and so must) send a header.
+    pub fn trusted(&self, ip: IpAddr) -> bool {
+        self.from.is_empty() || self.from.iter().any(|c| c.contains(ip))
+    }
+
+    pub fn set(&mut self, key: usize, addr: Option<SocketAddr>) {
+        if self.addrs.len() <= key {
+            self.addrs.resize(key + 1, None);
+        }
+        self.addrs[key] = addr;
+    }
+
+    pub fn get(&self, key: usize) -> Option<SocketAddr> {
+        self.addrs.get(key).copied().flatten()
+    }
+}
+
 /// What sessions share, owned by the loop and lent to one session at a time.
 pub(crate) struct Env {
     pub pool: Pool,
@@ -306,6 +343,9 @@ pub(crate) struct Env {
     pub access: Option<Access>,
     /// This loop's counters (for `--metrics-listen`).
     pub stats: Stats,
+    /// With `--proxy-protocol`: who may send a header, and the client
+    /// addresses headers gave, by slab key.
+    pub proxied: Option<Proxied>,
     /// Sessions open, and the limit (for BIND's descriptor budget).
     pub open: usize,
     pub max_conns: usize,
@@ -327,6 +367,15 @@ impl Ctx<'_> {
     /// This session's access-log record, when the log is on.
     pub fn record(&mut self) -> Option<&mut Record> {
         self.env.access.as_mut()?.get(self.key)
+    }
+
+    /// The client's address: what its PROXY header said, or its
+    /// connection's peer.
+    pub fn client_addr(&self, client: &Client) -> io::Result<SocketAddr> {
+        match self.env.proxied.as_ref().and_then(|p| p.get(self.key)) {
+            Some(addr) => Ok(addr),
+            None => client.stream.peer_addr(),
+        }
     }
 
     /// A reply with SOCKS5 code `code` (SOCKS4 and HTTP answers mapped)
@@ -451,8 +500,9 @@ pub(crate) struct Conn {
 }
 
 impl Conn {
-    pub(crate) fn new(id: u32, stream: TcpStream, exempt: bool, pool: &mut Pool) -> Conn {
-        let state = State::Handshake(Handshake::new(pool.handshake()));
+    /// `proxied`: the connection starts with a PROXY protocol header.
+    pub(crate) fn new(id: u32, stream: TcpStream, exempt: bool, proxied: bool, pool: &mut Pool) -> Conn {
+        let state = State::Handshake(Handshake::new(pool.handshake(), proxied));
         let client = Client { stream, ready: Ready::default(), exempt, user: 0, dialect: Dialect::Socks5 };
         Conn { id, deferred: false, extra: Extra::None, client, state }
     }
@@ -757,6 +807,7 @@ mod tests {
             outbound: Outbound::default(),
             access: None,
             stats: Stats::default(),
+            proxied: None,
             open: 0,
             max_conns: 10,
             third_fd: 0,
@@ -776,7 +827,7 @@ mod tests {
         let (accepted, _) = listener.accept().unwrap();
         accepted.set_nonblocking(true).unwrap();
         let mut env = env();
-        let mut conn = Conn::new(7, TcpStream::from_std(accepted), false, &mut env.pool);
+        let mut conn = Conn::new(7, TcpStream::from_std(accepted), false, false, &mut env.pool);
         let mut ctx = Ctx { registry: poll.registry(), env: &mut env, now: Instant::now(), key: 0, id: 7 };
         let answer = Ok(vec![SocketAddr::from(([127, 0, 0, 1], 9))]);
         assert!(matches!(conn.resolved(answer, &mut ctx), Step::Wait));

@@ -79,6 +79,9 @@ impl Recycle for Box<Associated> {
 /// Sets up an association for a client whose request carried DST.PORT
 /// `dst_port`, and replies with the address it should send to.
 pub(crate) fn start(dst_port: u16, carry: Carry, client: &mut Client, ctx: &mut Ctx<'_>) -> (State, Flow) {
+    // The client, as its PROXY header names it, if it came through a
+    // balancer: its datagrams come straight from there.
+    let peer = ctx.client_addr(client);
     let env = &mut *ctx.env;
     if env.udp_cfg.max.is_some_and(|max| env.udp >= max) {
         env.warnings.warn(Warn::Udp, ctx.now, format_args!("UDP association limit reached: a request refused"));
@@ -88,7 +91,7 @@ pub(crate) fn start(dst_port: u16, carry: Carry, client: &mut Client, ctx: &mut 
         log::debug!("#{} UDP ASSOCIATE refused: no descriptor left", ctx.id);
         return fail(carry, Reply::GeneralFailure, client, ctx);
     }
-    let (Ok(local), Ok(peer)) = (client.stream.local_addr(), client.stream.peer_addr()) else {
+    let (Ok(local), Ok(peer)) = (client.stream.local_addr(), peer) else {
         return fail(carry, Reply::GeneralFailure, client, ctx);
     };
     let local_ip = canonical(local.ip());

@@ -12,6 +12,7 @@ mod consts;
 mod greeting;
 #[cfg(feature = "http")]
 mod http;
+mod proxy;
 mod reply;
 mod request;
 mod sniff;
@@ -24,6 +25,7 @@ pub use consts::{Command, Method, Reply, VERSION, atyp};
 pub use greeting::{Greeting, encode_method, parse_greeting};
 #[cfg(feature = "http")]
 pub use http::{ConnectHead, HttpError, MAX_HTTP_HEADERS, basic_credentials, http_response, parse_connect};
+pub use proxy::{BadProxyHeader, MAX_PROXY_HEADER, ProxyHeader, encode_proxy_v2, parse_proxy};
 pub use reply::{MAX_REPLY_LEN, ReplyFrame, encode_reply, parse_reply};
 pub use request::{Request, parse_request};
 pub use sniff::{HTTP_400, Sniff, sniff};
