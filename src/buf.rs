@@ -75,6 +75,11 @@ impl Pool {
         Pool { pipes, ..Pool::new(size) }
     }
 
+    /// The size of a relay buffer.
+    pub(crate) fn relay_size(&self) -> usize {
+        self.size
+    }
+
     pub(crate) fn relay(&mut self) -> Buf {
         self.take(self.size)
     }

@@ -108,6 +108,12 @@ pub struct Cli {
     /// Only these may send a PROXY header; others are closed at accept (repeatable).
     #[arg(long, value_name = "CIDR", env = "SLABSOCKS_PROXY_PROTOCOL_FROM", value_delimiter = ',')]
     pub proxy_protocol_from: Vec<Cidr>,
+    /// Bytes per second each direction of a session may move (suffixes k, m: 16m).
+    #[arg(long, value_name = "RATE", env = "SLABSOCKS_RATE_LIMIT", value_parser = size)]
+    pub rate_limit: Option<usize>,
+    /// Bytes per second each direction of all of a user's sessions may move together, per worker (needs --users).
+    #[arg(long, value_name = "RATE", env = "SLABSOCKS_USER_RATE_LIMIT", value_parser = size)]
+    pub user_rate_limit: Option<usize>,
     /// Serve Prometheus metrics at http://ADDR/metrics.
     #[arg(long, value_name = "ADDR", env = "SLABSOCKS_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
@@ -175,6 +181,8 @@ impl Cli {
             outbound_interface: self.outbound_interface.clone(),
             access_log: self.access_log,
             metrics_listen: self.metrics_listen,
+            rate_limit: self.rate_limit.map(|r| r as u64),
+            user_rate_limit: self.user_rate_limit.map(|r| r as u64),
             proxy_protocol: self.proxy_protocol,
             proxy_protocol_from: self.proxy_protocol_from.clone(),
             socks4: !self.disable_socks4,

@@ -95,6 +95,12 @@ pub struct Config {
     /// Who may send a PROXY header: connections from elsewhere are closed
     /// at accept. Empty: anyone (keep the port away from clients then).
     pub proxy_protocol_from: Vec<crate::rules::Cidr>,
+    /// Bytes per second each direction of a session may read (a token
+    /// bucket with a burst of an eighth of a second, at least 64 KiB).
+    pub rate_limit: Option<u64>,
+    /// Bytes per second each direction of all of a user's sessions may
+    /// read together (per worker).
+    pub user_rate_limit: Option<u64>,
     /// Serve Prometheus metrics (`GET /metrics`) on this address, from the
     /// first worker's loop.
     pub metrics_listen: Option<SocketAddr>,
@@ -155,6 +161,8 @@ impl Default for Config {
             outbound_interface: None,
             access_log: false,
             metrics_listen: None,
+            rate_limit: None,
+            user_rate_limit: None,
             proxy_protocol: false,
             proxy_protocol_from: Vec::new(),
             socks4: true,
@@ -272,6 +280,12 @@ impl Config {
         }
         if self.outbound_interface.as_ref().is_some_and(|i| i.is_empty() || i.len() >= 16 || i.contains('\0')) {
             return err("an interface name is 1 to 15 bytes");
+        }
+        if self.rate_limit == Some(0) || self.user_rate_limit == Some(0) {
+            return err("a rate limit must be at least 1 byte per second");
+        }
+        if self.user_rate_limit.is_some() && self.users.is_none() {
+            return err("--user-rate-limit needs --users");
         }
         if !self.proxy_protocol && !self.proxy_protocol_from.is_empty() {
             return err("--proxy-protocol-from needs --proxy-protocol");

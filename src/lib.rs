@@ -36,6 +36,7 @@ pub mod proto;
 mod resolver;
 pub mod rules;
 mod server;
+mod shaping;
 mod stats;
 pub mod sys;
 mod timer;

@@ -11,6 +11,7 @@ use crate::metrics::Metrics;
 use crate::pipe::Pipes;
 use crate::resolver::Purpose;
 use crate::resolver::{Answer, Resolver};
+use crate::shaping::Shaping;
 use crate::stats::{Published, Stat, Stats};
 use crate::sys;
 use crate::timer::{LINGER, Timers};
@@ -228,7 +229,10 @@ impl Server {
         }
         let loops: Vec<LoopHandle> =
             workers.iter().map(|w| LoopHandle { waker: Arc::clone(&w.waker), shared: Arc::clone(&w.shared) }).collect();
-        let counts = Counts::new(config.max_connections_per_client, config.max_connections_per_user);
+        // A user rate limit needs users told apart: without a per-user
+        // session limit they are counted with none.
+        let per_user = config.max_connections_per_user.or(config.user_rate_limit.map(|_| u32::MAX));
+        let counts = Counts::new(config.max_connections_per_client, per_user);
         let metrics = match config.metrics_listen {
             Some(addr) => Some(
                 listen(addr, 128, false)
@@ -401,6 +405,7 @@ impl Worker {
             access: c.access_log.then(Access::default),
             stats: Stats::default(),
             proxied: c.proxy_protocol.then(|| Proxied::new(c.proxy_protocol_from.clone())),
+            shaping: Shaping::new(c.rate_limit, c.user_rate_limit, now),
             open: 0,
             max_conns: self.max_conns,
             third_fd: 0,
@@ -505,12 +510,20 @@ impl Loop {
             return Some(Duration::ZERO);
         }
         let metrics = self.metrics.as_ref().and_then(Metrics::deadline);
-        [self.env.timers.next_deadline(), self.accept.deadline(), self.stop_deadline, Some(self.next_trim), metrics]
-            .into_iter()
-            .flatten()
-            .min()
-            // Round up: a timeout that ends a hair early just spins once more.
-            .map(|at| at.saturating_duration_since(Instant::now()) + Duration::from_millis(1))
+        let throttle = self.env.shaping.as_ref().and_then(|s| s.wake.next_deadline());
+        [
+            self.env.timers.next_deadline(),
+            self.accept.deadline(),
+            self.stop_deadline,
+            Some(self.next_trim),
+            metrics,
+            throttle,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        // Round up: a timeout that ends a hair early just spins once more.
+        .map(|at| at.saturating_duration_since(Instant::now()) + Duration::from_millis(1))
     }
 
     /// A socket event (or a deferred turn, with no `bits`): adds `bits` to
@@ -557,6 +570,9 @@ impl Loop {
         }
         if let Some(p) = &mut self.env.proxied {
             p.set(key, None);
+        }
+        if let Some(s) = &mut self.env.shaping {
+            s.closed(key);
         }
         self.env.limits.release(key, conn.client.user);
         // Dropping the sockets closes them, which removes them from the poll
@@ -655,6 +671,11 @@ impl Loop {
     }
 
     fn expire(&mut self) {
+        // Throttled sessions whose buckets have refilled: drive them again.
+        while let Some((key, _)) = self.env.shaping.as_mut().and_then(|s| s.wake.pop_expired(self.now)) {
+            let Some(conn) = self.conns.get(key) else { continue };
+            self.session_event(key, conn.id, 0);
+        }
         while let Some((key, kind)) = self.env.timers.pop_expired(self.now) {
             let Some(conn) = self.conns.get_mut(key) else { continue };
             let id = conn.id;

@@ -27,6 +27,7 @@ use crate::proto::http_response;
 use crate::proto::{Addr, MAX_REPLY_LEN, Reply, encode_reply, encode_socks4_reply};
 use crate::resolver::Resolver;
 use crate::rules::Rules;
+use crate::shaping::Shaping;
 use crate::stats::Stats;
 use crate::timer::{Kind, Timers};
 use crate::token::{self, Role};
@@ -346,6 +347,8 @@ pub(crate) struct Env {
     /// With `--proxy-protocol`: who may send a header, and the client
     /// addresses headers gave, by slab key.
     pub proxied: Option<Proxied>,
+    /// With `--rate-limit` or `--user-rate-limit`: the buckets.
+    pub shaping: Option<Shaping>,
     /// Sessions open, and the limit (for BIND's descriptor budget).
     pub open: usize,
     pub max_conns: usize,
@@ -808,6 +811,7 @@ mod tests {
             access: None,
             stats: Stats::default(),
             proxied: None,
+            shaping: None,
             open: 0,
             max_conns: 10,
             third_fd: 0,

@@ -21,12 +21,14 @@
 use super::{Carry, Client, Close, Ctx, Flow, Ready, Recycle, State, linger};
 use crate::buf::{Buf, Io, Pool, read, write};
 use crate::pipe::{PipeId, splice};
+use crate::shaping::Shaping;
 use crate::stats::Stat;
 use crate::timer::Kind;
 use mio::net::TcpStream;
 use std::io;
 use std::net::Shutdown;
 use std::os::fd::AsRawFd;
+use std::time::Instant;
 
 /// Socket operations per turn before a session yields to the others.
 const BUDGET: u32 = 32;
@@ -51,6 +53,42 @@ struct Pass<'a> {
     id: u32,
     /// Bytes delivered this pump, by `Dir::idx` (for the access log).
     moved: [u64; 2],
+    /// Rate limits, when set: the session's slot and user, and whether a
+    /// direction found its buckets empty.
+    shape: Option<&'a mut Shaping>,
+    key: usize,
+    user: u32,
+    now: Instant,
+    throttled: bool,
+}
+
+/// The rate-limit side of a pass, apart from the fields a pass borrows
+/// while it reads.
+struct Limit<'a, 'b> {
+    shape: &'a mut Option<&'b mut Shaping>,
+    key: usize,
+    user: u32,
+    now: Instant,
+    throttled: &'a mut bool,
+}
+
+impl Limit<'_, '_> {
+    /// How much direction `dir` may read now (`want` at most); 0 marks the
+    /// pump throttled.
+    fn allow(&mut self, dir: &Dir, want: usize) -> usize {
+        let Some(s) = self.shape.as_deref_mut() else { return want };
+        let allow = s.allowance(self.key, self.user, dir.idx, self.now);
+        if allow == 0 {
+            *self.throttled = true;
+        }
+        want.min(usize::try_from(allow).unwrap_or(usize::MAX))
+    }
+
+    fn spend(&mut self, dir: &Dir, n: usize) {
+        if let Some(s) = self.shape.as_deref_mut() {
+            s.spend(self.key, self.user, dir.idx, n as u64);
+        }
+    }
 }
 
 /// Which readiness and end bits a direction uses.
@@ -161,6 +199,8 @@ impl Half {
         p: &mut Pass<'_>,
     ) -> Option<bool> {
         let (ready, ends, pool, id) = (&mut *p.ready, &mut *p.ends, &mut *p.pool, p.id);
+        let mut limit =
+            Limit { shape: &mut p.shape, key: p.key, user: p.user, now: p.now, throttled: &mut p.throttled };
         let (src_r, dst_w) = (dir.src_r, dir.dst_w);
         if self.buf.is_some() || *ends & dir.bulk == 0 {
             return None;
@@ -187,14 +227,16 @@ impl Half {
             return None;
         };
         let mut moved = false;
-        if *ends & dir.eof == 0 && ready.has(src_r) {
-            match splice(src.as_raw_fd(), pipe_w, pool.pipes.chunk()) {
+        let allow = if *ends & dir.eof == 0 && ready.has(src_r) { limit.allow(dir, pool.pipes.chunk()) } else { 0 };
+        if allow > 0 {
+            match splice(src.as_raw_fd(), pipe_w, allow) {
                 Ok(0) => {
                     *ends |= dir.eof;
                     moved = true;
                 }
                 Ok(n) => {
                     self.end += n as u32;
+                    limit.spend(dir, n);
                     moved = true;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -236,17 +278,22 @@ impl Half {
     /// The pass through a buffer.
     fn copy_pass(&mut self, src: &mut TcpStream, dst: &mut TcpStream, dir: &Dir, p: &mut Pass<'_>) -> bool {
         let (ready, ends, pool, id) = (&mut *p.ready, &mut *p.ends, &mut *p.pool, p.id);
+        let mut limit =
+            Limit { shape: &mut p.shape, key: p.key, user: p.user, now: p.now, throttled: &mut p.throttled };
         let (src_r, dst_w) = (dir.src_r, dir.dst_w);
         let dead = *ends & dir.dead != 0;
         let mut moved = false;
-        let room = self.buf.as_ref().is_none_or(|b| (self.end as usize) < b.len());
-        if *ends & dir.eof == 0 && room && ready.has(src_r) {
+        let room = self.buf.as_ref().map_or(pool.relay_size(), |b| b.len() - self.end as usize);
+        let allow = if *ends & dir.eof == 0 && room > 0 && ready.has(src_r) { limit.allow(dir, room) } else { 0 };
+        if allow > 0 {
             let buf = self.buf.get_or_insert_with(|| pool.relay());
-            let room = &mut buf[self.end as usize..];
+            let start = self.end as usize;
+            let whole = start == 0 && allow == buf.len();
+            let room = &mut buf[start..start + allow];
             let want = room.len();
-            let whole = self.end == 0;
             match read(src, room) {
                 Io::Done(n) => {
+                    limit.spend(dir, n);
                     if n < want {
                         ready.short_read(src_r);
                     } else if whole {
@@ -362,7 +409,7 @@ impl Relay {
     }
 
     pub(crate) fn step(mut self, client: &mut Client, ctx: &mut Ctx<'_>) -> (State, Flow) {
-        match self.pump(&mut client.stream, &mut client.ready, ctx) {
+        match self.pump(&mut client.stream, &mut client.ready, client.user, ctx) {
             Pumped::Wait => (State::Relaying(self), Flow::Wait),
             Pumped::Again => (State::Relaying(self), Flow::Again),
             Pumped::Close(why) => (State::Relaying(self), Flow::Close(why)),
@@ -370,8 +417,21 @@ impl Relay {
         }
     }
 
-    fn pump(&mut self, client: &mut TcpStream, ready: &mut Ready, ctx: &mut Ctx<'_>) -> Pumped {
-        let mut p = Pass { ready, ends: &mut self.ends, pool: &mut ctx.env.pool, id: ctx.id, moved: [0; 2] };
+    /// `user`: the session's user id (0: none), for its rate limit.
+    fn pump(&mut self, client: &mut TcpStream, ready: &mut Ready, user: u32, ctx: &mut Ctx<'_>) -> Pumped {
+        let env = &mut *ctx.env;
+        let mut p = Pass {
+            ready,
+            ends: &mut self.ends,
+            pool: &mut env.pool,
+            id: ctx.id,
+            moved: [0; 2],
+            shape: env.shaping.as_mut(),
+            key: ctx.key,
+            user,
+            now: ctx.now,
+            throttled: false,
+        };
         let mut moved = false;
         let mut budget = BUDGET;
         let end = loop {
@@ -391,6 +451,11 @@ impl Relay {
             }
         };
         let [up, down] = p.moved;
+        if p.throttled
+            && let Some(s) = &mut ctx.env.shaping
+        {
+            s.throttled(ctx.key, ctx.now);
+        }
         if moved {
             ctx.env.timers.touch(ctx.key, Kind::Idle, ctx.now);
             ctx.env.stats.add(Stat::BytesUp, up);
@@ -447,7 +512,7 @@ mod tests {
         let mut relay = Relay::new(up, carry);
         let mut ready = Ready::default();
         ready.set(Ready::CLIENT_R | Ready::CLIENT_W | Ready::UP_W);
-        assert_eq!(relay.pump(&mut client, &mut ready, &mut ctx), Pumped::Again);
+        assert_eq!(relay.pump(&mut client, &mut ready, 0, &mut ctx), Pumped::Again);
         // It yields after its whole budget, not before: 32 rounds of 1 KiB.
         _sink.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
         let mut got = 0;
@@ -482,7 +547,7 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(50));
         for _ in 0..8 {
             ready.set(Ready::CLIENT_R | Ready::UP_W);
-            relay.pump(&mut client, &mut ready, &mut ctx);
+            relay.pump(&mut client, &mut ready, 0, &mut ctx);
         }
         assert_ne!(relay.ends & TX_EOF, 0, "the EOF was read");
         assert!(relay.tx.end > 0 && relay.pipes[0].is_some(), "bytes wait in the pipe");
@@ -497,7 +562,7 @@ mod tests {
         while relay.ends & TX_SHUT == 0 {
             assert!(std::time::Instant::now() < end, "the FIN was never passed on");
             ready.set(Ready::UP_W);
-            relay.pump(&mut client, &mut ready, &mut ctx);
+            relay.pump(&mut client, &mut ready, 0, &mut ctx);
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
         assert_eq!(reader.join().unwrap().unwrap(), sent);
