@@ -114,6 +114,12 @@ pub struct Cli {
     /// Bytes per second each direction of all of a user's sessions may move together, per worker (needs --users).
     #[arg(long, value_name = "RATE", env = "SLABSOCKS_USER_RATE_LIMIT", value_parser = size)]
     pub user_rate_limit: Option<usize>,
+    /// Try a name's IPv4 addresses first (Happy Eyeballs still races the families).
+    #[arg(long, env = "SLABSOCKS_PREFER_IPV4", conflicts_with = "prefer_ipv6")]
+    pub prefer_ipv4: bool,
+    /// Try a name's IPv6 addresses first (the default, as RFC 8305 says).
+    #[arg(long, env = "SLABSOCKS_PREFER_IPV6")]
+    pub prefer_ipv6: bool,
     /// Serve Prometheus metrics at http://ADDR/metrics.
     #[arg(long, value_name = "ADDR", env = "SLABSOCKS_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
@@ -181,6 +187,7 @@ impl Cli {
             outbound_interface: self.outbound_interface.clone(),
             access_log: self.access_log,
             metrics_listen: self.metrics_listen,
+            prefer_ipv4: self.prefer_ipv4,
             rate_limit: self.rate_limit.map(|r| r as u64),
             user_rate_limit: self.user_rate_limit.map(|r| r as u64),
             proxy_protocol: self.proxy_protocol,

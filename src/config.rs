@@ -101,6 +101,10 @@ pub struct Config {
     /// Bytes per second each direction of all of a user's sessions may
     /// read together (per worker).
     pub user_rate_limit: Option<u64>,
+    /// Try a name's IPv4 addresses before its IPv6 ones (RFC 8305 tries
+    /// IPv6 first). The families are interleaved either way, and an
+    /// attempt that takes longer than 250 ms is raced by the next.
+    pub prefer_ipv4: bool,
     /// Serve Prometheus metrics (`GET /metrics`) on this address, from the
     /// first worker's loop.
     pub metrics_listen: Option<SocketAddr>,
@@ -161,6 +165,7 @@ impl Default for Config {
             outbound_interface: None,
             access_log: false,
             metrics_listen: None,
+            prefer_ipv4: false,
             rate_limit: None,
             user_rate_limit: None,
             proxy_protocol: false,

@@ -14,7 +14,7 @@ use crate::resolver::{Answer, Resolver};
 use crate::shaping::Shaping;
 use crate::stats::{Published, Stat, Stats};
 use crate::sys;
-use crate::timer::{LINGER, Timers};
+use crate::timer::{Kind, LINGER, Timers};
 use crate::token::{self, MAX_KEY, MAX_LISTENERS, Owner, WAKER};
 use crate::users::Users;
 use crate::warn::Warnings;
@@ -406,6 +406,12 @@ impl Worker {
             stats: Stats::default(),
             proxied: c.proxy_protocol.then(|| Proxied::new(c.proxy_protocol_from.clone())),
             shaping: Shaping::new(c.rate_limit, c.user_rate_limit, now),
+            stagger: {
+                let mut d = [None; crate::timer::KINDS];
+                d[Kind::Idle as usize] = Some(crate::conn::STAGGER);
+                Timers::new(now, d)
+            },
+            prefer_ipv4: c.prefer_ipv4,
             open: 0,
             max_conns: self.max_conns,
             third_fd: 0,
@@ -511,6 +517,7 @@ impl Loop {
         }
         let metrics = self.metrics.as_ref().and_then(Metrics::deadline);
         let throttle = self.env.shaping.as_ref().and_then(|s| s.wake.next_deadline());
+        let stagger = self.env.stagger.next_deadline();
         [
             self.env.timers.next_deadline(),
             self.accept.deadline(),
@@ -518,6 +525,7 @@ impl Loop {
             Some(self.next_trim),
             metrics,
             throttle,
+            stagger,
         ]
         .into_iter()
         .flatten()
@@ -574,6 +582,7 @@ impl Loop {
         if let Some(s) = &mut self.env.shaping {
             s.closed(key);
         }
+        self.env.stagger.cancel(key);
         self.env.limits.release(key, conn.client.user);
         // Dropping the sockets closes them, which removes them from the poll
         // set; a stale event already fetched is caught by the session id.
@@ -675,6 +684,15 @@ impl Loop {
         while let Some((key, _)) = self.env.shaping.as_mut().and_then(|s| s.wake.pop_expired(self.now)) {
             let Some(conn) = self.conns.get(key) else { continue };
             self.session_event(key, conn.id, 0);
+        }
+        // Connects that waited the stagger: the next address races them.
+        while let Some((key, _)) = self.env.stagger.pop_expired(self.now) {
+            let Some(conn) = self.conns.get_mut(key) else { continue };
+            let id = conn.id;
+            let third_fd = self.env.third_fd;
+            let mut ctx = Ctx { registry: self.poll.registry(), env: &mut self.env, now: self.now, key, id };
+            let step = conn.staggered(&mut ctx);
+            self.after(key, id, step, third_fd);
         }
         while let Some((key, kind)) = self.env.timers.pop_expired(self.now) {
             let Some(conn) = self.conns.get_mut(key) else { continue };

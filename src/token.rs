@@ -29,9 +29,11 @@ pub(crate) enum Role {
     Udp = 3,
     /// UDP ASSOCIATE's socket facing the remotes.
     UdpRemote = 4,
+    /// A second connect attempt racing the first (Happy Eyeballs).
+    Racer = 5,
 }
 
-const ROLES: [Role; 5] = [Role::Client, Role::Upstream, Role::BindListener, Role::Udp, Role::UdpRemote];
+const ROLES: [Role; 6] = [Role::Client, Role::Upstream, Role::BindListener, Role::Udp, Role::UdpRemote, Role::Racer];
 
 const ROLE_BITS: u32 = 3;
 /// Slots the slab may use: 2^29 on 64-bit targets, 2^20 on 32-bit ones.

@@ -145,7 +145,7 @@ impl Resolving {
         ctx: &mut Ctx<'_>,
     ) -> (State, Flow) {
         match addrs {
-            Ok(list) => dial(self.command, Addrs::list(list), self.carry, client, ctx),
+            Ok(list) => dial(self.command, Addrs::list(list, ctx.env.prefer_ipv4), self.carry, client, ctx),
             Err(e) => {
                 log::debug!("#{} look-up failed: {e}", ctx.id);
                 ctx.env.stats.inc(Stat::LookupFailures);
@@ -174,10 +174,21 @@ impl Addrs {
         Addrs::One(Some(addr))
     }
 
-    /// Addresses to try in the order given.
-    fn list(mut addrs: Vec<SocketAddr>) -> Addrs {
-        addrs.reverse();
-        Addrs::List(addrs)
+    /// A name's addresses in the order RFC 8305 tries them: the families
+    /// interleaved, the preferred one first (IPv6 unless `prefer_ipv4`),
+    /// each family in the resolver's order.
+    fn list(addrs: Vec<SocketAddr>, prefer_ipv4: bool) -> Addrs {
+        let (first, second): (Vec<_>, Vec<_>) = addrs.into_iter().partition(|a| a.is_ipv4() == prefer_ipv4);
+        let mut order = Vec::with_capacity(first.len() + second.len());
+        let (mut a, mut b) = (first.into_iter(), second.into_iter());
+        loop {
+            match (a.next(), b.next()) {
+                (None, None) => break,
+                (x, y) => order.extend(x.into_iter().chain(y)),
+            }
+        }
+        order.reverse();
+        Addrs::List(order)
     }
 
     fn next(&mut self) -> Option<SocketAddr> {
@@ -186,14 +197,49 @@ impl Addrs {
             Addrs::List(list) => list.pop(),
         }
     }
+
+    fn is_empty(&self) -> bool {
+        match self {
+            Addrs::One(a) => a.is_none(),
+            Addrs::List(list) => list.is_empty(),
+        }
+    }
 }
 
-/// A connect in progress.
+/// A connect in progress: one attempt, and a second one racing it once
+/// the first has taken longer than the stagger (RFC 8305, Happy
+/// Eyeballs): the first to connect wins, the other is closed.
 pub(crate) struct Connecting {
     up: TcpStream,
+    racer: Option<TcpStream>,
     addrs: Addrs,
     carry: Carry,
 }
+
+/// How far a connect attempt has got.
+enum Attempt {
+    Connected,
+    Pending,
+    Failed(io::Error),
+}
+
+/// mio: the connect is complete when the socket is writable and has a
+/// peer; without a peer it failed (its error says why) or is still under
+/// way. Asking for the peer first costs a success one syscall.
+fn attempt(s: &TcpStream) -> Attempt {
+    match s.peer_addr() {
+        Ok(_) => Attempt::Connected,
+        Err(e) if e.kind() == io::ErrorKind::NotConnected => match s.take_error() {
+            Ok(Some(e)) | Err(e) => Attempt::Failed(e),
+            Ok(None) => Attempt::Pending,
+        },
+        Err(e) => Attempt::Failed(e),
+    }
+}
+
+/// How long a connect attempt runs alone before the next address joins
+/// it (RFC 8305's recommended Connection Attempt Delay).
+pub(crate) const STAGGER: std::time::Duration = std::time::Duration::from_millis(250);
 
 impl Recycle for Connecting {
     fn recycle(self, pool: &mut Pool) {
@@ -202,33 +248,106 @@ impl Recycle for Connecting {
 }
 
 impl Connecting {
-    pub(crate) fn step(self, client: &mut Client, ctx: &mut Ctx<'_>) -> (State, Flow) {
-        if !client.ready.has(Ready::UP_W) {
-            return (State::Connecting(self), Flow::Wait);
-        }
-        // mio: the connect is complete when the socket is writable and has
-        // a peer; without a peer it failed (its error says why) or is still
-        // under way. Asking for the peer first costs a success one syscall.
-        let done = match self.up.peer_addr() {
-            Ok(_) => Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::NotConnected => match self.up.take_error() {
-                Ok(Some(e)) | Err(e) => Err(e),
-                Ok(None) => {
-                    client.ready.clear(Ready::UP_W);
-                    return (State::Connecting(self), Flow::Wait);
+    pub(crate) fn step(mut self, client: &mut Client, ctx: &mut Ctx<'_>) -> (State, Flow) {
+        if client.ready.has(Ready::UP_W) {
+            match attempt(&self.up) {
+                Attempt::Connected => return self.won(false, client, ctx),
+                Attempt::Pending => client.ready.clear(Ready::UP_W),
+                Attempt::Failed(e) => {
+                    log::debug!("#{} connect failed: {e}", ctx.id);
+                    match self.racer.take() {
+                        // The racer carries on alone, in the first place.
+                        Some(mut racer) => {
+                            if ctx
+                                .reregister(&mut racer, Role::Upstream, Interest::READABLE | Interest::WRITABLE)
+                                .is_err()
+                            {
+                                return self.next(Last::Failed(e), client, ctx);
+                            }
+                            self.up = racer;
+                            let was = client.ready.has(Ready::RACER_W);
+                            client.ready.reset_upstream();
+                            if was {
+                                client.ready.set(Ready::UP_W);
+                            }
+                            return self.step(client, ctx);
+                        }
+                        None => return self.next(Last::Failed(e), client, ctx),
+                    }
                 }
-            },
-            Err(e) => Err(e),
-        };
-        let Connecting { up, addrs, carry } = self;
-        match done {
-            Ok(()) => connected(up, carry, client, ctx),
-            Err(e) => {
-                log::debug!("#{} connect failed: {e}", ctx.id);
-                drop(up);
-                connect(addrs, carry, Last::Failed(e), client, ctx)
             }
         }
+        if client.ready.has(Ready::RACER_W)
+            && let Some(racer) = &self.racer
+        {
+            match attempt(racer) {
+                Attempt::Connected => return self.won(true, client, ctx),
+                Attempt::Pending => client.ready.clear(Ready::RACER_W),
+                Attempt::Failed(e) => {
+                    log::debug!("#{} racing connect failed: {e}", ctx.id);
+                    self.racer = None;
+                    client.ready.clear(Ready::RACER_W);
+                    // The next address may race at once.
+                    return self.stagger(ctx);
+                }
+            }
+        }
+        (State::Connecting(self), Flow::Wait)
+    }
+
+    /// The stagger passed (or the racer failed): the next address the
+    /// rules allow joins the attempt under way; the stagger is armed again
+    /// while addresses are left.
+    pub(crate) fn stagger(mut self, ctx: &mut Ctx<'_>) -> (State, Flow) {
+        if self.racer.is_none() {
+            while let Some(addr) = self.addrs.next() {
+                if !ctx.env.rules.dest_allowed(addr) {
+                    log::debug!("#{} {addr} denied by rule", ctx.id);
+                    ctx.env.stats.inc(Stat::RuleDenials);
+                    continue;
+                }
+                let opened = open_upstream(addr, &ctx.env.outbound).and_then(|mut s| {
+                    ctx.register(&mut s, Role::Racer, Interest::WRITABLE)?;
+                    Ok(s)
+                });
+                if let Ok(s) = opened {
+                    log::debug!("#{} racing a connect to {addr}", ctx.id);
+                    self.racer = Some(s);
+                    break;
+                }
+            }
+        }
+        if !self.addrs.is_empty() {
+            ctx.env.stagger.set(ctx.key, Kind::Idle, ctx.now);
+        }
+        (State::Connecting(self), Flow::Wait)
+    }
+
+    /// One attempt connected: the other is closed.
+    fn won(self, racer_won: bool, client: &mut Client, ctx: &mut Ctx<'_>) -> (State, Flow) {
+        ctx.env.stagger.cancel(ctx.key);
+        let Connecting { up, racer, carry, .. } = self;
+        let up = match (racer_won, racer) {
+            (true, Some(mut racer)) => {
+                drop(up);
+                if ctx.reregister(&mut racer, Role::Upstream, Interest::READABLE | Interest::WRITABLE).is_err() {
+                    return fail(carry, Reply::GeneralFailure, client, ctx);
+                }
+                client.ready.reset_upstream();
+                client.ready.set(Ready::UP_W);
+                racer
+            }
+            _ => up,
+        };
+        connected(up, carry, client, ctx)
+    }
+
+    /// The only attempt failed: on to the next address, or the answer.
+    fn next(self, last: Last, client: &mut Client, ctx: &mut Ctx<'_>) -> (State, Flow) {
+        ctx.env.stagger.cancel(ctx.key);
+        let Connecting { up, addrs, carry, .. } = self;
+        drop(up);
+        connect(addrs, carry, last, client, ctx)
     }
 }
 
@@ -273,7 +392,10 @@ fn connect(mut addrs: Addrs, carry: Carry, mut last: Last, client: &mut Client, 
             Ok(up) => {
                 log::debug!("#{} connecting to {addr}", ctx.id);
                 client.ready.reset_upstream();
-                return (State::Connecting(Connecting { up, addrs, carry }), Flow::Wait);
+                if !addrs.is_empty() {
+                    ctx.env.stagger.set(ctx.key, Kind::Idle, ctx.now);
+                }
+                return (State::Connecting(Connecting { up, racer: None, addrs, carry }), Flow::Wait);
             }
             Err(e) => last = Last::Failed(e),
         }

@@ -40,6 +40,7 @@ use std::io::{self, Write};
 use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
+pub(crate) use dial::STAGGER;
 pub(crate) use handshake::Dialects;
 use handshake::{Handshake, Progress};
 use linger::Lingering;
@@ -68,6 +69,9 @@ impl Ready {
     /// the client's write hang-up bit, which nothing uses). Datagram
     /// sockets are read until `WouldBlock`: no short-read rule, no hang-up.
     pub const REMOTE_R: u8 = Ready::CLIENT_W << 4;
+    /// A racing connect attempt is writable (connected or failed), in the
+    /// slot of the upstream's write hang-up bit, which nothing uses.
+    pub const RACER_W: u8 = Ready::UP_W << 4;
 
     /// The bits an event sets for a socket in `role`.
     pub fn from_event(ev: &mio::event::Event, role: Role) -> u8 {
@@ -87,6 +91,8 @@ impl Ready {
             Role::Upstream | Role::BindListener | Role::Udp => bits << 2,
             Role::UdpRemote if bits & Ready::CLIENT_R != 0 => Ready::REMOTE_R,
             Role::UdpRemote => 0,
+            Role::Racer if bits & Ready::CLIENT_W != 0 => Ready::RACER_W,
+            Role::Racer => 0,
         }
     }
 
@@ -100,7 +106,7 @@ impl Ready {
 
     /// Forgets everything known of the other socket: a new one replaces it.
     pub fn reset_upstream(&mut self) {
-        self.clear(Ready::UP_R | Ready::UP_W | Ready::UP_HUP);
+        self.clear(Ready::UP_R | Ready::UP_W | Ready::UP_HUP | Ready::RACER_W);
     }
 
     pub fn has(self, bit: u8) -> bool {
@@ -349,6 +355,11 @@ pub(crate) struct Env {
     pub proxied: Option<Proxied>,
     /// With `--rate-limit` or `--user-rate-limit`: the buckets.
     pub shaping: Option<Shaping>,
+    /// Happy Eyeballs: when a connect has waited the stagger, the next
+    /// address is tried beside it (its own timers, one kind).
+    pub stagger: Timers,
+    /// Which family a name's addresses are tried in first.
+    pub prefer_ipv4: bool,
     /// Sessions open, and the limit (for BIND's descriptor budget).
     pub open: usize,
     pub max_conns: usize,
@@ -404,6 +415,11 @@ impl Ctx<'_> {
     /// Registers one of this session's sockets under its token for `role`.
     pub fn register(&self, source: &mut impl mio::event::Source, role: Role, interest: Interest) -> io::Result<()> {
         self.registry.register(source, token::session(self.key, self.id, role), interest)
+    }
+
+    /// Moves a socket to another of this session's roles.
+    pub fn reregister(&self, source: &mut impl mio::event::Source, role: Role, interest: Interest) -> io::Result<()> {
+        self.registry.reregister(source, token::session(self.key, self.id, role), interest)
     }
 
     /// Arms this session's deadline of `kind`, replacing any other.
@@ -572,6 +588,20 @@ impl Conn {
     }
 
     /// A deadline armed for this session has passed.
+    /// The stagger passed while connecting: race the next address.
+    pub(crate) fn staggered(&mut self, ctx: &mut Ctx<'_>) -> Step {
+        let c = match std::mem::replace(&mut self.state, State::Taken) {
+            State::Connecting(c) => c,
+            other => {
+                self.state = other;
+                return Step::Wait;
+            }
+        };
+        let (state, flow) = c.stagger(ctx);
+        self.state = state;
+        self.after(flow, ctx)
+    }
+
     pub(crate) fn expired(&mut self, kind: Kind, ctx: &mut Ctx<'_>) -> Step {
         match (kind, &self.state) {
             (Kind::Connect, State::Resolving(_) | State::Connecting(_)) => self.time_out(ctx),
@@ -812,6 +842,8 @@ mod tests {
             stats: Stats::default(),
             proxied: None,
             shaping: None,
+            stagger: crate::timer::Timers::new(Instant::now(), [None; crate::timer::KINDS]),
+            prefer_ipv4: false,
             open: 0,
             max_conns: 10,
             third_fd: 0,
