@@ -200,3 +200,54 @@ backend slabsocks
 "
     )
 }
+
+/// UDP ASSOCIATE through a balancer: the client check takes the header's
+/// address (127.0.0.5), not the balancer's (127.0.0.1): datagrams from
+/// 127.0.0.1 are dropped, the client's own are relayed.
+#[test]
+fn the_udp_client_check_uses_the_header() {
+    use slabsocks::proto::encode_udp_header;
+    use std::net::UdpSocket;
+    let proxy = Proxy::with(|c| c.proxy_protocol = true);
+    let echo = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let echo_addr = echo.local_addr().unwrap();
+    let seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = std::sync::Arc::clone(&seen);
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = echo.recv_from(&mut buf) {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let _ = echo.send_to(&buf[..n], from);
+        }
+    });
+    let mut req = connect_request("0.0.0.0:0".parse().unwrap());
+    req[1] = 3;
+    let mut all = v2("127.0.0.5:4000");
+    all.extend([5, 1, 0]);
+    all.extend(req);
+    let mut control = connect(proxy.addr);
+    control.write_all(&all).unwrap();
+    let mut method = [0u8; 2];
+    control.read_exact(&mut method).unwrap();
+    let (rep, frame) = read_reply(&mut control).unwrap();
+    assert_eq!(rep, 0);
+    let relay = bnd(&frame);
+    let wrap = |data: &[u8]| {
+        let mut out = vec![0u8; 22];
+        let n = encode_udp_header(echo_addr, &mut out);
+        out.truncate(n);
+        out.extend_from_slice(data);
+        out
+    };
+    let balancer = UdpSocket::bind("127.0.0.1:0").unwrap();
+    balancer.send_to(&wrap(b"from the balancer's address"), relay).unwrap();
+    let client = UdpSocket::bind("127.0.0.5:0").unwrap();
+    client.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    client.send_to(&wrap(b"from the client"), relay).unwrap();
+    let mut buf = [0u8; 2048];
+    let (n, from) = client.recv_from(&mut buf).unwrap();
+    assert_eq!(from, relay);
+    assert!(buf[..n].ends_with(b"from the client"));
+    assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 1, "only the client's datagram reached the echo");
+    drop(control);
+}
