@@ -573,6 +573,7 @@ impl Loop {
         self.env.timers.cancel(key);
         let conn = self.conns.remove(key);
         debug!("#{} closed: {why}", conn.id);
+        self.env.stats.closed(why.label());
         if let Some(access) = &mut self.env.access {
             access.close(key, why, self.now);
         }

@@ -90,13 +90,23 @@ impl Shaping {
             allow = allow.min(b.tokens);
         }
         if let Some(r) = self.user
-            && user != 0
+            && let Some(b) = self.users.get_mut(&user)
         {
-            let b = &mut self.users.entry(user).or_insert_with(|| [Bucket::full(r.burst, now); 2])[dir];
+            let b = &mut b[dir];
             b.refill(r.rate, r.burst, now);
             allow = allow.min(b.tokens);
         }
         allow
+    }
+
+    /// `user` logged in: its buckets are made now, at login, not on the
+    /// relay path (and kept, full or not, for its next sessions).
+    pub(crate) fn logged_in(&mut self, user: u32, now: Instant) {
+        if let Some(r) = self.user
+            && user != 0
+        {
+            self.users.entry(user).or_insert_with(|| [Bucket::full(r.burst, now); 2]);
+        }
     }
 
     /// Direction `dir` read `n` bytes.
@@ -152,6 +162,8 @@ mod tests {
         let t0 = Instant::now();
         let mut s = Shaping::new(Some(10 << 20), Some(1 << 20), t0).unwrap();
         let burst = 128 * 1024;
+        s.logged_in(7, t0);
+        s.logged_in(8, t0);
         assert_eq!(s.allowance(0, 7, 0, t0), burst, "the user's burst is the smaller");
         s.spend(0, 7, 0, burst);
         assert_eq!(s.allowance(1, 7, 0, t0), 0, "another session of the user");

@@ -34,9 +34,41 @@ pub(crate) enum Stat {
     Active,
     MaxConnections,
     ResolverQueue,
+    /// Sessions closed, by reason: `Closed0 + i` for [`CLOSE_LABELS`]`[i]`.
+    Closed0,
 }
 
-pub(crate) const N: usize = Stat::ResolverQueue as usize + 1;
+/// The reasons a session ends, as metric labels (see `conn::Close`).
+pub(crate) const CLOSE_LABELS: [&str; 26] = [
+    "handshake_timeout",
+    "idle_timeout",
+    "client_closed_early",
+    "client_error",
+    "handshake_too_long",
+    "not_socks",
+    "http_on_socks_port",
+    "bad_greeting",
+    "no_acceptable_method",
+    "bad_auth",
+    "login_failed",
+    "user_at_limit",
+    "bad_request",
+    "client_gone",
+    "failed",
+    "upstream_gone",
+    "done",
+    "bind_overflow",
+    "client_left_bind",
+    "control_closed",
+    "udp_idle",
+    "timed_out",
+    "socks4_needs_login",
+    "http_error",
+    "bad_proxy_header",
+    "proxied_client_refused",
+];
+
+pub(crate) const N: usize = Stat::Closed0 as usize + CLOSE_LABELS.len();
 
 /// One loop's counters.
 pub(crate) struct Stats(pub [u64; N]);
@@ -54,6 +86,11 @@ impl Stats {
 
     pub(crate) fn inc(&mut self, s: Stat) {
         self.add(s, 1);
+    }
+
+    /// A session ended for the reason [`CLOSE_LABELS`]`[i]`.
+    pub(crate) fn closed(&mut self, i: usize) {
+        self.0[Stat::Closed0 as usize + i.min(CLOSE_LABELS.len() - 1)] += 1;
     }
 
     /// A reply with SOCKS5 code `code` was sent.
@@ -129,6 +166,10 @@ pub(crate) fn render<'a>(loops: impl Iterator<Item = &'a Published> + Clone, wor
         .collect();
     let codes: Vec<(&str, usize)> = codes.iter().map(|(l, s)| (l.as_str(), *s)).collect();
     metric("replies_total", "counter", "Replies sent, by SOCKS5 code (SOCKS4 and HTTP mapped).", &codes);
+    let closes: Vec<(String, usize)> =
+        CLOSE_LABELS.iter().enumerate().map(|(i, l)| (format!("{{reason=\"{l}\"}}"), Closed0 as usize + i)).collect();
+    let closes: Vec<(&str, usize)> = closes.iter().map(|(l, s)| (l.as_str(), *s)).collect();
+    metric("sessions_closed_total", "counter", "Sessions ended, by reason.", &closes);
     metric("auth_failures_total", "counter", "Failed logins.", &[("", AuthFailures as usize)]);
     metric(
         "rule_denials_total",

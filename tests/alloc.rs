@@ -118,17 +118,19 @@ fn transfer(sessions: &mut [TcpStream], bytes: usize) {
 }
 
 fn main() {
-    // Both relay paths: through pipes (splice) and through buffers.
-    for splice in [true, false] {
-        run(splice);
+    // Both relay paths: through pipes (splice) and through buffers; and
+    // through the rate limiter's buckets (a limit too high to slow it).
+    for (splice, rate_limit) in [(true, None), (false, None), (true, Some(1 << 40))] {
+        run(splice, rate_limit);
     }
-    println!("2 passed, 0 failed");
+    println!("3 passed, 0 failed");
 }
 
-fn run(splice: bool) {
+fn run(splice: bool, rate_limit: Option<u64>) {
     let config = Config {
         listen: vec!["127.0.0.1:0".parse().unwrap()],
         splice,
+        rate_limit,
         resolver_threads: 0,
         shutdown_grace: Duration::from_millis(100),
         ..Config::default()
@@ -152,7 +154,7 @@ fn run(splice: bool) {
     let after = ALLOCS.load(Ordering::SeqCst);
     let mib = (SESSIONS * per_session * 2) >> 20;
     println!(
-        "splice {splice}: server thread: {warm} allocations while setting up; {} while relaying {mib} MiB",
+        "splice {splice}, rate limit {rate_limit:?}: server thread: {warm} allocations while setting up; {} while relaying {mib} MiB",
         after - warm
     );
     assert_eq!(after, warm, "the relay path allocated");

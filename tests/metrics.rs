@@ -108,6 +108,9 @@ fn counters_after_a_known_mix_of_sessions() {
         ("slabsocks_bytes_total{direction=\"up\"}", 18),
         ("slabsocks_bytes_total{direction=\"down\"}", 18),
         ("slabsocks_max_connections", 1000),
+        ("slabsocks_sessions_closed_total{reason=\"done\"}", 3),
+        ("slabsocks_sessions_closed_total{reason=\"failed\"}", 1),
+        ("slabsocks_sessions_closed_total{reason=\"login_failed\"}", 1),
         ("slabsocks_workers", 2),
     ];
     // Each worker publishes at the end of its turn: wait until all have.

@@ -292,6 +292,9 @@ fn login(user: &[u8], password: &[u8], client: &mut Client, ctx: &mut Ctx<'_>) -
         Some(users) if users.verify(user, password) => match env.limits.admit_user(user) {
             Some(id) => {
                 client.user = id;
+                if let Some(s) = &mut env.shaping {
+                    s.logged_in(id, ctx.now);
+                }
                 if let Some(r) = env.access.as_mut().and_then(|a| a.get(ctx.key)) {
                     r.user = Some(String::from_utf8_lossy(user).into());
                 }

@@ -171,6 +171,40 @@ pub(crate) enum Close {
     ProxiedClientRefused,
 }
 
+impl Close {
+    /// This reason's index in the metrics' `CLOSE_LABELS`.
+    pub fn label(self) -> usize {
+        match self {
+            Close::HandshakeTimeout => 0,
+            Close::IdleTimeout => 1,
+            Close::ClientClosedEarly => 2,
+            Close::ClientError => 3,
+            Close::HandshakeTooLong => 4,
+            Close::NotSocks => 5,
+            Close::HttpOnSocksPort => 6,
+            Close::BadGreeting => 7,
+            Close::NoAcceptableMethod => 8,
+            Close::BadAuth => 9,
+            Close::LoginFailed => 10,
+            Close::UserAtLimit => 11,
+            Close::BadRequest => 12,
+            Close::ClientGone => 13,
+            Close::Failed(_) => 14,
+            Close::UpstreamGone => 15,
+            Close::Done => 16,
+            Close::BindOverflow => 17,
+            Close::ClientLeftBind => 18,
+            Close::ControlClosed => 19,
+            Close::UdpIdle => 20,
+            Close::TimedOut => 21,
+            Close::Socks4NeedsLogin => 22,
+            Close::Http(_) => 23,
+            Close::BadProxyHeader => 24,
+            Close::ProxiedClientRefused => 25,
+        }
+    }
+}
+
 impl fmt::Display for Close {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let s = match self {
@@ -902,6 +936,44 @@ mod tests {
         r.set(Ready::UP_R);
         r.short_read(Ready::UP_R);
         assert!(!r.has(Ready::UP_R), "a new socket's short read clears its bit");
+    }
+
+    /// Every close reason has its own metric label, named after it.
+    #[test]
+    fn close_reasons_have_distinct_labels() {
+        use crate::stats::CLOSE_LABELS;
+        let all = [
+            (Close::HandshakeTimeout, "handshake_timeout"),
+            (Close::IdleTimeout, "idle_timeout"),
+            (Close::ClientClosedEarly, "client_closed_early"),
+            (Close::ClientError, "client_error"),
+            (Close::HandshakeTooLong, "handshake_too_long"),
+            (Close::NotSocks, "not_socks"),
+            (Close::HttpOnSocksPort, "http_on_socks_port"),
+            (Close::BadGreeting, "bad_greeting"),
+            (Close::NoAcceptableMethod, "no_acceptable_method"),
+            (Close::BadAuth, "bad_auth"),
+            (Close::LoginFailed, "login_failed"),
+            (Close::UserAtLimit, "user_at_limit"),
+            (Close::BadRequest, "bad_request"),
+            (Close::ClientGone, "client_gone"),
+            (Close::Failed(Reply::ConnectionRefused), "failed"),
+            (Close::UpstreamGone, "upstream_gone"),
+            (Close::Done, "done"),
+            (Close::BindOverflow, "bind_overflow"),
+            (Close::ClientLeftBind, "client_left_bind"),
+            (Close::ControlClosed, "control_closed"),
+            (Close::UdpIdle, "udp_idle"),
+            (Close::TimedOut, "timed_out"),
+            (Close::Socks4NeedsLogin, "socks4_needs_login"),
+            (Close::Http(431), "http_error"),
+            (Close::BadProxyHeader, "bad_proxy_header"),
+            (Close::ProxiedClientRefused, "proxied_client_refused"),
+        ];
+        assert_eq!(all.len(), CLOSE_LABELS.len());
+        for (why, label) in all {
+            assert_eq!(CLOSE_LABELS[why.label()], label, "{why:?}");
+        }
     }
 
     /// Memory per connection is a design goal: the edge proxy holds tens of
