@@ -122,7 +122,9 @@ fn behind_haproxy() {
             "--proxy-protocol-from",
             "127.0.0.1/32",
             "--allow-client",
-            "127.0.0.9/32",
+            "127.0.0.8/30",
+            "--max-connections-per-client",
+            "1",
             "--access-log",
             "--metrics-listen",
             "127.0.0.1:0",
@@ -130,10 +132,17 @@ fn behind_haproxy() {
     };
     let (a, b) = (backend(0), backend(1));
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let single = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let dir = std::env::temp_dir().join(format!("slabsocks-haproxy-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let cfg = dir.join("haproxy.cfg");
-    std::fs::write(&cfg, haproxy_config(port, a.1, b.1)).unwrap();
+    let mut text = haproxy_config(port, a.1, b.1);
+    // A second frontend to backend a alone, for the per-client limit.
+    text.push_str(&format!(
+        "\nfrontend one\n    bind 127.0.0.1:{single}\n    default_backend a\n\nbackend a\n    server a {} send-proxy-v2\n",
+        a.1
+    ));
+    std::fs::write(&cfg, text).unwrap();
     let mut cmd = Command::new("haproxy");
     cmd.args(["-db", "-f"]).arg(&cfg).stdout(Stdio::null()).stderr(Stdio::piped());
     let mut child = cmd.spawn().unwrap();
@@ -163,17 +172,36 @@ fn behind_haproxy() {
         log.wait_for_nth("access client=127.0.0.9:", 2);
         assert!(!log.all().contains("access client=127.0.0.1:"), "a backend saw the balancer as the client");
     }
-    let metrics = |log: &Log| -> u64 {
+    let series = |log: &Log, name: &str| -> u64 {
         let at = log.wait_for("metrics on http://");
         let addr: SocketAddr = at.split("http://").nth(1).unwrap().trim_end_matches("/metrics").parse().unwrap();
         let mut s = TcpStream::connect(addr).unwrap();
         s.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").unwrap();
         let mut text = String::new();
         s.read_to_string(&mut text).unwrap();
-        let line = text.lines().find(|l| l.starts_with("slabsocks_requests_total{command=\"connect\"}")).unwrap();
+        let line = text.lines().find(|l| l.starts_with(name) && l[name.len()..].starts_with(' ')).unwrap();
         line.rsplit(' ').next().unwrap().parse().unwrap()
     };
-    assert_eq!(metrics(&a.2) + metrics(&b.2), 6);
+    let connects = "slabsocks_requests_total{command=\"connect\"}";
+    assert_eq!(series(&a.2, connects) + series(&b.2, connects), 6);
+    eventually("backend a has closed every session", || series(&a.2, "slabsocks_sessions_active") == 0);
+    // The per-client limit (1) counts 127.0.0.9 itself: a second session
+    // from it while the first is open is refused, and 127.0.0.10, through
+    // the same HAProxy, is served.
+    let one: SocketAddr = format!("127.0.0.1:{single}").parse().unwrap();
+    let greet = |from: &str| {
+        let mut s = connect_from(from, one);
+        s.write_all(&[5, 1, 0]).unwrap();
+        let mut method = [0u8; 2];
+        let ok = s.read_exact(&mut method).is_ok();
+        (s, ok)
+    };
+    let (_first, ok) = greet("127.0.0.9");
+    assert!(ok);
+    let (mut second, ok) = greet("127.0.0.9");
+    assert!(!ok && closed(&mut second), "a second session for 127.0.0.9");
+    let (_other, ok) = greet("127.0.0.10");
+    assert!(ok, "another client through the same balancer");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
