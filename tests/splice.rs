@@ -274,7 +274,12 @@ fn a_pipe_holding_bytes_is_never_lent_again() {
     let base = descriptors(child.id()).0;
     for how in ["reset", "half-close, reset", "idle timeout"] {
         eventually("the last round's sessions are closed", || descriptors(child.id()).0 == base);
-        let s = open(proxy, flood);
+        let mut s = open(proxy, flood);
+        // Read a while, so that the direction has gone over to the pipe
+        // (it splices once a read has filled a buffer and that buffer has
+        // drained), then stop: the pipe fills.
+        let mut first = vec![0u8; 1 << 20];
+        s.read_exact(&mut first).unwrap();
         if how == "half-close, reset" {
             s.shutdown(std::net::Shutdown::Write).unwrap();
         }
@@ -287,8 +292,12 @@ fn a_pipe_holding_bytes_is_never_lent_again() {
             socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO)).unwrap();
         }
         drop(s);
+        // Bulk both ways, so that each direction takes the one pipe: had
+        // the old one been pooled with its bytes, they would come first.
         let mut s = open(proxy, echo);
-        s.write_all(b"fresh").unwrap();
-        expect(&mut s, b"fresh");
+        let mut w = s.try_clone().unwrap();
+        let sender = std::thread::spawn(move || send_pattern(&mut w, 11, 1 << 20));
+        let got = sum_to_end(&mut s);
+        assert_eq!(got, sender.join().unwrap(), "after {how}: stale bytes or lost ones");
     }
 }

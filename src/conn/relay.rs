@@ -568,6 +568,74 @@ mod tests {
         assert_eq!(reader.join().unwrap().unwrap(), sent);
     }
 
+    /// A relay that closes with a pipe holding bytes closes that pipe (the
+    /// next borrower would get them); a drained one goes back to the pool.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn recycle_closes_a_pipe_holding_bytes() {
+        let mut pool = Pool::with_pipes(4096, crate::pipe::Pipes::new(4, 0));
+        let (up, _peer) = pair();
+        let carry = Carry { buf: pool.handshake(), start: 0, end: 0 };
+        let mut relay = Relay::new(up, carry);
+        let (full, empty) = (pool.pipes.take().unwrap(), pool.pipes.take().unwrap());
+        let (_, w) = pool.pipes.fds(full).unwrap();
+        // SAFETY: write(2) of five bytes from a live buffer to a pipe we own.
+        assert_eq!(unsafe { libc::write(w, b"stale".as_ptr().cast(), 5) }, 5);
+        relay.rx.end = 5;
+        relay.pipes = [Some(empty), Some(full)];
+        relay.recycle(&mut pool);
+        assert_eq!(pool.pipes.counts(), (1, 1), "the drained pipe pooled, the full one closed");
+        assert_eq!(pool.pipes.take(), Some(empty), "the pooled one is the drained one");
+    }
+
+    /// A write error while the pipe holds bytes ends the direction and
+    /// closes the pipe, never pools it.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_dead_destination_closes_the_pipe() {
+        let (mut client, client_peer) = pair();
+        let (up, mut up_peer) = pair();
+        socket2::SockRef::from(&client_peer).set_linger(Some(std::time::Duration::ZERO)).unwrap();
+        drop(client_peer);
+        up_peer.write_all(&[9u8; 64 * 1024]).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let mut env = super::super::tests::env();
+        env.pool = Pool::with_pipes(4096, crate::pipe::Pipes::new(1, 0));
+        let poll = mio::Poll::new().unwrap();
+        let mut ctx = Ctx { registry: poll.registry(), env: &mut env, now: std::time::Instant::now(), key: 0, id: 0 };
+        let carry = Carry { buf: ctx.env.pool.relay(), start: 0, end: 0 };
+        let mut relay = Relay::new(up, carry);
+        relay.ends |= RX_BULK;
+        let mut ready = Ready::default();
+        ready.set(Ready::UP_R | Ready::CLIENT_W);
+        relay.pump(&mut client, &mut ready, 0, &mut ctx);
+        assert_ne!(relay.ends & RX_DEAD, 0, "the write to the reset client failed");
+        assert_eq!(ctx.env.pool.pipes.counts(), (0, 0), "the pipe with bytes was closed");
+    }
+
+    /// A reset read through a pipe ends that direction like an EOF and
+    /// marks the same socket dead for the other (it takes nothing either).
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_reset_read_through_a_pipe_ends_both_ways_on_that_socket() {
+        let (mut client, _client_peer) = pair();
+        let (up, up_peer) = pair();
+        socket2::SockRef::from(&up_peer).set_linger(Some(std::time::Duration::ZERO)).unwrap();
+        drop(up_peer);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let mut env = super::super::tests::env();
+        env.pool = Pool::with_pipes(4096, crate::pipe::Pipes::new(1, 0));
+        let poll = mio::Poll::new().unwrap();
+        let mut ctx = Ctx { registry: poll.registry(), env: &mut env, now: std::time::Instant::now(), key: 0, id: 0 };
+        let carry = Carry { buf: ctx.env.pool.relay(), start: 0, end: 0 };
+        let mut relay = Relay::new(up, carry);
+        relay.ends |= RX_BULK;
+        let mut ready = Ready::default();
+        ready.set(Ready::UP_R);
+        relay.pump(&mut client, &mut ready, 0, &mut ctx);
+        assert_eq!(relay.ends & (RX_EOF | TX_DEAD), RX_EOF | TX_DEAD, "ends {:#010b}", relay.ends);
+    }
+
     /// A relay that closes gives every buffer it holds back to the pool.
     #[test]
     fn recycle_gives_the_buffers_back() {
