@@ -16,6 +16,7 @@ use slabsocks::proto::{
     encode_socks4_reply, encode_udp_header, parse_auth, parse_connect, parse_greeting, parse_reply, parse_request,
     parse_socks4, parse_udp_header, sniff, udp_header_len,
 };
+use slabsocks::proto::{MAX_PROXY_HEADER, ProxyHeader, encode_proxy_v2, parse_proxy};
 use std::fmt::Debug;
 use std::net::{SocketAddr, SocketAddrV4};
 
@@ -47,6 +48,28 @@ fn addr_bytes(addr: &Addr<'_>, port: u16) -> Vec<u8> {
     let n = addr.encode(port, &mut out);
     assert_eq!(n, out.len());
     out
+}
+
+/// The PROXY protocol header (v1 and v2): the stream contract; a header is
+/// never longer than its bound; a v2 header for TCP re-encodes to the
+/// bytes taken (when it carries no TLVs), and a v1 line is text ending in
+/// CRLF.
+pub fn proxy(buf: &[u8]) {
+    if let Ok(Status::Complete(header, n)) = stream(buf, parse_proxy) {
+        assert!(n <= MAX_PROXY_HEADER);
+        if buf.starts_with(b"PROXY ") {
+            assert!(n <= 107 && buf[..n].ends_with(b"\r\n"));
+        } else if let ProxyHeader::Proxied { source, dest } = header
+            && buf[12] == 0x21
+            && n == if buf[13] == 0x11 { 28 } else { 52 }
+            && source.is_ipv4() == dest.is_ipv4()
+            && (buf[13] == 0x11) == source.is_ipv4()
+        {
+            let mut out = [0u8; 52];
+            let m = encode_proxy_v2(source, dest, &mut out);
+            assert_eq!(out[..m], buf[..n]);
+        }
+    }
 }
 
 pub fn greeting(buf: &[u8]) {
