@@ -39,3 +39,19 @@ fn http_error_does_not_depend_on_how_the_head_arrives() {
         }
     }
 }
+
+/// Found by fuzzing the PROXY protocol header: `PROXY UNKNOWN T0 \n8 \r\n`
+/// was an error while its CRLF had not arrived (a bare LF in the line) and
+/// a LOCAL header once it had (the rest of an UNKNOWN line is ignored). An
+/// error must be final: the answer cannot depend on the segments.
+#[test]
+fn a_proxy_header_error_is_final() {
+    use slabsocks::proto::{Status, parse_proxy};
+    let input = b"PROXY UNKNOWN T0 \n8 \r\n";
+    let whole = parse_proxy(input);
+    assert!(whole.is_err(), "{whole:?}");
+    for k in 0..input.len() {
+        let part = parse_proxy(&input[..k]);
+        assert!(part.is_err() || part == Ok(Status::Partial), "{k}: {part:?}");
+    }
+}

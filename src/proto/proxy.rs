@@ -51,6 +51,12 @@ fn v1(data: &[u8]) -> Result<Status<ProxyHeader>, BadProxyHeader> {
     let Some(end) = window.windows(2).position(|w| w == b"\r\n") else {
         return if data.len() >= V1_MAX || window.contains(&b'\n') { Err(BadProxyHeader) } else { Ok(Status::Partial) };
     };
+    // A bare LF (or CR) inside the line: an error, as it is for a prefix
+    // that ends there, whatever follows (found by fuzzing: the answer must
+    // not depend on how the bytes arrive).
+    if data[..end].iter().any(|&b| b == b'\n' || b == b'\r') {
+        return Err(BadProxyHeader);
+    }
     let line = std::str::from_utf8(&data[6..end]).map_err(|_| BadProxyHeader)?;
     let mut f = line.split(' ');
     let header = match f.next() {
@@ -192,6 +198,10 @@ mod tests {
             b"PROXY TCP4 192.0.2.1 198.51.100.2 1 2 3\r\n",
             b"PROXY UDP4 192.0.2.1 198.51.100.2 1 2\r\n",
             b"PROXY TCP4 192.0.2.1 198.51.100.2 1 2\n",
+            // Regression (fuzzing): a bare LF within an UNKNOWN line, whose
+            // rest is otherwise ignored, was taken once the CRLF came.
+            b"PROXY UNKNOWN T0 \n8 \r\n",
+            b"PROXY UNKNOWN \r8\r\n",
             b"GET / HTTP/1.1\r\n",
             b"\x05\x01\x00",
             b"proxy ",
