@@ -229,3 +229,20 @@ impl Binding {
         (State::Relaying(relay), Flow::Continue)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Mutation (`recycle` made a no-op): a session closed while waiting for
+    /// its peer gives the buffer of the bytes it holds back to the pool.
+    #[test]
+    fn a_closed_binding_gives_its_buffer_back() {
+        let mut pool = Pool::new(4096);
+        let listener = TcpListener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let carry = Carry { buf: pool.handshake(), start: 0, end: 0 };
+        let binding = Binding { listener, expect: None, carry, wrong: 0 };
+        binding.recycle(&mut pool);
+        assert_eq!(pool.free(), (0, 1));
+    }
+}

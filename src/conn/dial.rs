@@ -454,3 +454,64 @@ fn connected(up: TcpStream, carry: Carry, client: &mut Client, ctx: &mut Ctx<'_>
     // waited. Relay at once: a payload may already be buffered.
     (State::Relaying(relay), Flow::Continue)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conn::{Dialect, tests::env};
+    use std::os::fd::AsRawFd;
+    use std::time::Instant;
+
+    fn carry(pool: &mut Pool) -> Carry {
+        Carry { buf: pool.handshake(), start: 0, end: 0 }
+    }
+
+    /// Mutations (`recycle` made a no-op): a session closed while resolving
+    /// or connecting gives its carried bytes' buffer back to the pool.
+    #[test]
+    fn resolving_and_connecting_give_their_buffer_back() {
+        let mut pool = Pool::new(4096);
+        let resolving = Resolving { command: Command::Connect, carry: carry(&mut pool) };
+        resolving.recycle(&mut pool);
+        assert_eq!(pool.free(), (0, 1));
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let up = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let connecting = Connecting { up, addrs: Addrs::List(Vec::new()), carry: carry(&mut pool) };
+        connecting.recycle(&mut pool);
+        assert_eq!(pool.free(), (0, 1), "the same buffer, taken and given back");
+    }
+
+    /// Mutation (the `NotConnected` guard made false, or `==` made `!=`): a
+    /// writable event before the connect completes (mio: events are hints)
+    /// failed the connect. The connect must go on waiting.
+    #[test]
+    fn writable_before_the_connect_completes_waits() {
+        // A target whose connects stay pending: its backlog of 0 is full,
+        // so the kernel drops further SYNs.
+        let target = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        // SAFETY: listen(2) on a valid, owned descriptor.
+        unsafe { libc::listen(target.as_raw_fd(), 0) };
+        let addr = target.local_addr().unwrap();
+        let timeout = std::time::Duration::from_millis(100);
+        let _fill: Vec<_> = (0..4).filter_map(|_| std::net::TcpStream::connect_timeout(&addr, timeout).ok()).collect();
+
+        let poll = mio::Poll::new().unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        accepted.set_nonblocking(true).unwrap();
+        let mut env = env();
+        let stream = TcpStream::from_std(accepted);
+        let mut client = Client { stream, ready: Ready::default(), exempt: false, user: 0, dialect: Dialect::Socks5 };
+        let mut ctx = Ctx { registry: poll.registry(), env: &mut env, now: Instant::now(), key: 0, id: 1 };
+        let up = TcpStream::connect(addr).unwrap();
+        assert!(up.take_error().unwrap().is_none());
+        let carry = carry(&mut ctx.env.pool);
+        let connecting = Connecting { up, addrs: Addrs::List(Vec::new()), carry };
+        client.ready.set(Ready::UP_W);
+        let (state, flow) = connecting.step(&mut client, &mut ctx);
+        assert!(matches!(flow, Flow::Wait), "the session must not end");
+        assert!(matches!(state, State::Connecting(_)), "still connecting");
+        assert!(!client.ready.has(Ready::UP_W), "waiting for the next writable event");
+    }
+}

@@ -398,3 +398,19 @@ fn request(data: &[u8], ctx: &mut Ctx<'_>) -> Next {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Mutation (`recycle` made a no-op): a closing handshake gives its
+    /// buffer back to the pool.
+    #[test]
+    fn a_recycled_handshake_gives_its_buffer_back() {
+        let mut pool = Pool::new(4096);
+        let hs = Handshake::new(pool.handshake());
+        assert_eq!(pool.free(), (0, 0));
+        hs.recycle(&mut pool);
+        assert_eq!(pool.free(), (0, 1));
+    }
+}

@@ -349,3 +349,32 @@ fn watch_control(client: &mut Client) -> Result<Flow, Close> {
     }
     Ok(Flow::Again)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::buf::UDP_BUF;
+
+    /// Mutation (`recycle` made a no-op): an association closed while a
+    /// datagram waits for its name gives that datagram's buffer back.
+    #[test]
+    fn a_closed_association_gives_a_waiting_datagrams_buffer_back() {
+        // Relay buffers of UDP_BUF bytes share the UDP list, which `free`
+        // reports as the relay's.
+        let mut pool = Pool::new(UDP_BUF);
+        let socket = || UdpSocket::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let pending = Pending { buf: pool.udp(), data: (0, 0), name: "a.test".into(), port: 9 };
+        let assoc = Box::new(Associated {
+            near: socket(),
+            far: socket(),
+            far_v6: false,
+            client_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            pinned: None,
+            pending: Some(pending),
+            cache: Default::default(),
+        });
+        assert_eq!(pool.free(), (0, 0));
+        assoc.recycle(&mut pool);
+        assert_eq!(pool.free(), (1, 0));
+    }
+}
