@@ -476,7 +476,7 @@ mod tests {
         assert_eq!(pool.free(), (0, 1));
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let up = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-        let connecting = Connecting { up, addrs: Addrs::List(Vec::new()), carry: carry(&mut pool) };
+        let connecting = Connecting { up, racer: None, addrs: Addrs::List(Vec::new()), carry: carry(&mut pool) };
         connecting.recycle(&mut pool);
         assert_eq!(pool.free(), (0, 1), "the same buffer, taken and given back");
     }
@@ -507,7 +507,7 @@ mod tests {
         let up = TcpStream::connect(addr).unwrap();
         assert!(up.take_error().unwrap().is_none());
         let carry = carry(&mut ctx.env.pool);
-        let connecting = Connecting { up, addrs: Addrs::List(Vec::new()), carry };
+        let connecting = Connecting { up, racer: None, addrs: Addrs::List(Vec::new()), carry };
         client.ready.set(Ready::UP_W);
         let (state, flow) = connecting.step(&mut client, &mut ctx);
         assert!(matches!(flow, Flow::Wait), "the session must not end");

@@ -408,7 +408,7 @@ mod tests {
     #[test]
     fn a_recycled_handshake_gives_its_buffer_back() {
         let mut pool = Pool::new(4096);
-        let hs = Handshake::new(pool.handshake());
+        let hs = Handshake::new(pool.handshake(), false);
         assert_eq!(pool.free(), (0, 0));
         hs.recycle(&mut pool);
         assert_eq!(pool.free(), (0, 1));
