@@ -152,8 +152,26 @@ mod tests {
         assert_eq!(s.allowance(3, 0, 1, t0), burst, "directions are separate");
         assert_eq!(s.allowance(3, 0, 0, t0 + Duration::from_millis(100)), (1 << 20) / 10);
         assert_eq!(s.allowance(3, 0, 0, t0 + Duration::from_secs(10)), burst, "capped at the burst");
+        s.spend(3, 0, 0, burst);
         s.closed(3);
-        assert_eq!(s.allowance(3, 0, 0, t0), burst, "a new session in the slot starts full");
+        assert_eq!(s.allowance(3, 0, 0, t0 + Duration::from_secs(10)), burst, "a new session in the slot starts full");
+        assert_eq!(s.allowance(3, 0, 1, t0), burst);
+    }
+
+    /// A slow rate polled often still refills: time that added less than a
+    /// byte is kept, not lost, so 1 000 calls a second at 100 bytes a
+    /// second bring 100 bytes.
+    #[test]
+    fn a_slow_rate_polled_often_still_refills() {
+        let t0 = Instant::now();
+        let mut s = Shaping::new(Some(100), None, t0).unwrap();
+        let burst = s.allowance(0, 0, 0, t0);
+        s.spend(0, 0, 0, burst);
+        let mut allow = 0;
+        for ms in 1..=1000 {
+            allow = s.allowance(0, 0, 0, t0 + Duration::from_millis(ms));
+        }
+        assert_eq!(allow, 100);
     }
 
     /// A user's sessions share its buckets; the tighter limit wins.
