@@ -45,7 +45,7 @@ pub struct Cli {
     #[arg(long, value_name = "N", env = "SLABSOCKS_MAX_PIPES")]
     pub max_pipes: Option<usize>,
     /// Capacity asked of each pipe (suffixes k, m; 0: the kernel's 64k).
-    #[arg(long, value_name = "BYTES", default_value = "0", value_parser = size, env = "SLABSOCKS_PIPE_SIZE")]
+    #[arg(long, value_name = "BYTES", default_value = "256k", value_parser = size, env = "SLABSOCKS_PIPE_SIZE")]
     pub pipe_size: usize,
     /// Bytes per relay buffer (suffixes k, m: 16k).
     #[arg(long, value_name = "BYTES", default_value = "16k", value_parser = size, env = "SLABSOCKS_BUFFER_SIZE")]
