@@ -1212,7 +1212,9 @@ fn main() {
     let scenarios = std::env::var("SLABSOCKS_BENCH_SCENARIOS")
         .unwrap_or_else(|_| "relay,burst,memory,syscalls,instructions,udp".into());
     let run = |scenario: &str| scenarios.split(',').any(|s| s == scenario);
-    println!("machine: {}", machine());
+    // Read before pinning: a pinned process sees one CPU.
+    let machine_line = machine();
+    println!("machine: {machine_line}");
     if pinning() {
         pin(0);
         println!("load generator and servers on CPU 0, each proxy on CPU 1; {rounds} rounds, order rotated");
@@ -1431,7 +1433,7 @@ fn main() {
             .collect();
         let json = format!(
             "{{\n  \"machine\": \"{}\",\n  \"rounds\": {rounds},\n  \"throughput_mib\": {mib},\n  \"targets\": [\n{}\n  ]\n}}\n",
-            machine().replace('"', "'"),
+            machine_line.replace('"', "'"),
             rows.join(",\n")
         );
         match std::fs::write(&path, json) {
