@@ -237,7 +237,7 @@ fn backpressure_through_pipes() {
         let mut buf = vec![0u8; 64 * 1024];
         let mut sent = 0usize;
         s.set_write_timeout(Some(Duration::from_millis(500))).unwrap();
-        while sent < 64 << 20 {
+        while sent < 256 << 20 {
             p.fill(&mut buf);
             match s.write(&buf) {
                 Ok(n) if n == buf.len() => sent += n,
@@ -248,7 +248,9 @@ fn backpressure_through_pipes() {
     });
     let mut s = open(proxy, target);
     let sent = sent_rx.recv_timeout(IO_TIMEOUT).expect("the remote blocked");
-    assert!(sent < 32 << 20, "the remote wrote {sent} bytes to a client that reads nothing");
+    // Socket buffers on loopback grow to several MiB each, and a pipe's
+    // slots may each hold a large fragment: tens of MiB, not 256.
+    assert!(sent < 96 << 20, "the remote wrote {sent} bytes to a client that reads nothing");
     assert!(pipes.ends() <= 4);
     let mut got = vec![0u8; sent];
     s.read_exact(&mut got).unwrap();
