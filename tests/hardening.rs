@@ -160,11 +160,11 @@ fn rude_clients(n: usize, idle: &str) {
 }
 
 /// Sessions opened and closed in a loop: afterwards the descriptors are
-/// back at baseline (no slot, descriptor or timer leaks). The long version
-/// is `--ignored`.
+/// back at baseline (no slot, descriptor or timer leaks): 20 000 sessions
+/// here (about 8 s), 50 000 in the `--ignored` soak.
 #[test]
 fn churn_leaves_nothing_behind() {
-    churn(2000);
+    churn(20_000);
 }
 
 #[test]
