@@ -5,15 +5,6 @@ mod common;
 use common::*;
 use std::io::Write;
 
-fn users_file() -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("slabsocks-access-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("users");
-    std::fs::write(&path, "alice:secret\n").unwrap();
-    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-    path
-}
-
 /// The access line of the session from `client` (its local address).
 fn line_of(log: &Log, client: std::net::SocketAddr) -> String {
     let key = format!("access client={client} ");
@@ -22,7 +13,7 @@ fn line_of(log: &Log, client: std::net::SocketAddr) -> String {
 
 #[test]
 fn a_success_a_refusal_and_a_failed_login() {
-    let users = users_file();
+    let users = users_file("access", "alice:secret\n");
     let (_child, addr, log) =
         spawn_logged(&["--access-log", "--users", users.to_str().unwrap(), "--auth-exempt", "127.0.0.3/32"]);
     let echo = echo_server("127.0.0.1:0");
@@ -72,7 +63,7 @@ fn a_success_a_refusal_and_a_failed_login() {
     drop(s);
     let line = line_of(&log, me);
     assert!(line.contains(&format!("proto=http cmd=connect dest=localhost:{} connected=", echo.port())), "{line}");
-    let _ = std::fs::remove_dir_all(users.parent().unwrap());
+    remove_users_file(&users);
 }
 
 /// Off by default: no access lines.

@@ -395,27 +395,9 @@ fn sessions_have_nodelay_both_ways() {
     let mut s = open(addr, echo);
     s.write_all(b"x").unwrap();
     expect(&mut s, b"x");
-    // SAFETY: pidfd_open on our child's pid; the result is checked.
-    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, child.id() as libc::pid_t, 0) } as i32;
-    if pidfd < 0 {
-        eprintln!("note: pidfd_open unavailable, skipped: {}", std::io::Error::last_os_error());
-        return;
-    }
+    let Some(sockets) = sockets_of(child.id()) else { return };
     let mut connected = 0;
-    for entry in std::fs::read_dir(format!("/proc/{}/fd", child.id())).unwrap().flatten() {
-        let Ok(target) = std::fs::read_link(entry.path()) else { continue };
-        if !target.to_string_lossy().starts_with("socket:") {
-            continue;
-        }
-        let Ok(fd) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
-        // SAFETY: pidfd_getfd duplicates the child's descriptor into ours.
-        let dup = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd, fd, 0) } as i32;
-        if dup < 0 {
-            eprintln!("note: pidfd_getfd refused, skipped: {}", std::io::Error::last_os_error());
-            return;
-        }
-        // SAFETY: `dup` is a descriptor we now own.
-        let sock = unsafe { <socket2::Socket as std::os::fd::FromRawFd>::from_raw_fd(dup) };
+    for sock in sockets {
         let tcp = sock.r#type().ok() == Some(socket2::Type::STREAM);
         if tcp && sock.peer_addr().is_ok_and(|a| a.as_socket().is_some()) {
             connected += 1;
@@ -423,6 +405,4 @@ fn sessions_have_nodelay_both_ways() {
         }
     }
     assert_eq!(connected, 2, "the client's socket and the upstream's");
-    // SAFETY: closing the pidfd we opened.
-    unsafe { libc::close(pidfd) };
 }

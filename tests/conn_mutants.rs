@@ -29,20 +29,6 @@ fn http_connect(proxy: SocketAddr, target: SocketAddr, extra: &str) -> (TcpStrea
     (s, status.unwrap_or_else(|| panic!("no status in {head:?}")))
 }
 
-/// `Proxy-Authorization` for `user:password`.
-fn basic(user: &str, password: &str) -> String {
-    const T: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let raw = format!("{user}:{password}").into_bytes();
-    let mut out = String::new();
-    for chunk in raw.chunks(3) {
-        let n = chunk.iter().enumerate().fold(0u32, |a, (i, &b)| a | u32::from(b) << (16 - 8 * i));
-        for i in 0..4 {
-            out.push(if i <= chunk.len() { T[(n >> (18 - 6 * i) & 63) as usize] as char } else { '=' });
-        }
-    }
-    format!("Proxy-Authorization: Basic {out}\r\n")
-}
-
 /// handshake.rs `MAX_CREDENTIALS` (`255 + 1 + 255` with a `-` or a `*`):
 /// HTTP Basic credentials as long as RFC 1929 allows, a 255-byte name and
 /// a 255-byte password, log in.

@@ -36,18 +36,9 @@ fn value(text: &str, series: &str) -> u64 {
     line.rsplit(' ').next().unwrap().parse().unwrap()
 }
 
-fn users_file() -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("slabsocks-metrics-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("users");
-    std::fs::write(&path, "alice:secret\n").unwrap();
-    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-    path
-}
-
 #[test]
 fn counters_after_a_known_mix_of_sessions() {
-    let users = users_file();
+    let users = users_file("metrics", "alice:secret\n");
     let (_child, addr, log) = spawn_logged(&[
         "--workers",
         "2",
@@ -132,7 +123,7 @@ fn counters_after_a_known_mix_of_sessions() {
     eventually("two sessions are active", || value(&scrape(metrics), "slabsocks_sessions_active") == 2);
     drop((s4, h));
     eventually("no session is active", || value(&scrape(metrics), "slabsocks_sessions_active") == 0);
-    let _ = std::fs::remove_dir_all(users.parent().unwrap());
+    remove_users_file(&users);
 }
 
 /// Everything but `GET /metrics`: a defined answer, then a close.

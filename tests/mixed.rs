@@ -178,20 +178,6 @@ fn status(head: &str) -> u16 {
     head.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or_else(|| panic!("no status in {head:?}"))
 }
 
-/// `Proxy-Authorization` for `user:password`.
-fn basic(user: &str, password: &str) -> String {
-    const T: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let raw = format!("{user}:{password}").into_bytes();
-    let mut out = String::new();
-    for chunk in raw.chunks(3) {
-        let n = chunk.iter().enumerate().fold(0u32, |a, (i, &b)| a | u32::from(b) << (16 - 8 * i));
-        for i in 0..4 {
-            out.push(if i <= chunk.len() { T[(n >> (18 - 6 * i) & 63) as usize] as char } else { '=' });
-        }
-    }
-    format!("Proxy-Authorization: Basic {out}\r\n")
-}
-
 #[test]
 fn http_connect_tunnels_and_forwards_pipelined_bytes() {
     let proxy = Proxy::start();

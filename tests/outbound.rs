@@ -82,22 +82,9 @@ fn the_source_is_bound_without_a_port() {
     let mut s = open(addr, echo);
     s.write_all(b"x").unwrap();
     expect(&mut s, b"x");
-    // SAFETY: pidfd_open on our child's pid; the result is checked.
-    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, child.id() as libc::pid_t, 0) } as i32;
-    if pidfd < 0 {
-        eprintln!("note: pidfd_open unavailable, skipped");
-        return;
-    }
+    let Some(sockets) = sockets_of(child.id()) else { return };
     let mut checked = 0;
-    for entry in std::fs::read_dir(format!("/proc/{}/fd", child.id())).unwrap().flatten() {
-        let Ok(fd) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
-        // SAFETY: pidfd_getfd duplicates the child's descriptor into ours.
-        let dup = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd, fd, 0) } as i32;
-        if dup < 0 {
-            continue;
-        }
-        // SAFETY: `dup` is a descriptor we now own.
-        let sock = unsafe { <socket2::Socket as std::os::fd::FromRawFd>::from_raw_fd(dup) };
+    for sock in sockets {
         let local = sock.local_addr().ok().and_then(|a| a.as_socket());
         let peer = sock.peer_addr().ok().and_then(|a| a.as_socket());
         if local.is_some_and(|a| a.ip() == "127.0.0.2".parse::<IpAddr>().unwrap()) && peer == Some(echo) {
@@ -106,7 +93,7 @@ fn the_source_is_bound_without_a_port() {
             // SAFETY: getsockopt writes one int through a valid pointer.
             let r = unsafe {
                 libc::getsockopt(
-                    dup,
+                    std::os::fd::AsRawFd::as_raw_fd(&sock),
                     libc::IPPROTO_IP,
                     libc::IP_BIND_ADDRESS_NO_PORT,
                     (&mut v as *mut libc::c_int).cast(),
@@ -117,7 +104,5 @@ fn the_source_is_bound_without_a_port() {
             checked += 1;
         }
     }
-    // SAFETY: closing the pidfd we opened.
-    unsafe { libc::close(pidfd) };
     assert_eq!(checked, 1, "the upstream socket was not found");
 }

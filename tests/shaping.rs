@@ -63,11 +63,7 @@ fn session_limit(extra: &[&str]) {
 /// about 4 s; a session of nobody in particular is not held back.
 #[test]
 fn a_user_limit_is_shared_by_the_users_sessions() {
-    let dir = std::env::temp_dir().join(format!("slabsocks-shaping-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let users = dir.join("users");
-    std::fs::write(&users, "carol:pw\n").unwrap();
-    std::fs::set_permissions(&users, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let users = users_file("shaping", "carol:pw\n");
     let (_child, addr) = spawn(&[
         "--users",
         users.to_str().unwrap(),
@@ -100,5 +96,5 @@ fn a_user_limit_is_shared_by_the_users_sessions() {
     let t0 = Instant::now();
     assert_eq!(send(&mut s, 32 << 20), 32 << 20);
     assert!(t0.elapsed() < Duration::from_millis(3500), "an unlimited session took {:?}", t0.elapsed());
-    let _ = std::fs::remove_dir_all(&dir);
+    remove_users_file(&users);
 }

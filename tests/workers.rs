@@ -88,11 +88,7 @@ fn read_exact_n(s: &mut TcpStream, n: usize) -> Option<Vec<u8>> {
 /// user, and the fourth is refused; names resolve on every worker.
 #[test]
 fn the_per_user_limit_holds_across_workers() {
-    let dir = std::env::temp_dir().join(format!("slabsocks-workers-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("users");
-    std::fs::write(&path, "carol:pw\n").unwrap();
-    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let path = users_file("workers", "carol:pw\n");
     let (_child, addr, log) = spawn_logged(&[
         "--workers",
         "2",
@@ -119,7 +115,7 @@ fn the_per_user_limit_holds_across_workers() {
     // session that asked, on its own loop.
     eventually("carol's sessions are released", || login(&mut connect(addr), "carol", "pw") == 0);
     let _ = workers_seen(&log, 3);
-    let _ = std::fs::remove_dir_all(&dir);
+    remove_users_file(&path);
 }
 
 /// Requests by name on both workers: each worker's resolver answers its

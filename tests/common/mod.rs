@@ -569,3 +569,68 @@ pub fn descriptors(pid: u32) -> (usize, usize) {
     }
     (other, pipes)
 }
+
+/// `Proxy-Authorization` for `user:password` (HTTP Basic, base64 written
+/// out here so that the tests do not share the server's decoder).
+pub fn basic(user: &str, password: &str) -> String {
+    const T: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let raw = format!("{user}:{password}").into_bytes();
+    let mut out = String::new();
+    for chunk in raw.chunks(3) {
+        let n = chunk.iter().enumerate().fold(0u32, |a, (i, &b)| a | u32::from(b) << (16 - 8 * i));
+        for i in 0..4 {
+            out.push(if i <= chunk.len() { T[(n >> (18 - 6 * i) & 63) as usize] as char } else { '=' });
+        }
+    }
+    format!("Proxy-Authorization: Basic {out}\r\n")
+}
+
+/// A users file with `text`, mode 0600, in a directory of its own named
+/// after `tag` and this process (remove it with `remove_users_file`).
+pub fn users_file(tag: &str, text: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("slabsocks-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("users");
+    std::fs::write(&path, text).unwrap();
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    path
+}
+
+pub fn remove_users_file(path: &std::path::Path) {
+    if let Some(dir) = path.parent() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+/// Duplicates of every socket the process `pid` holds, taken with
+/// pidfd_getfd (Linux 5.6; as root or a ptrace-capable user); `None`,
+/// with a note, where that is not allowed.
+pub fn sockets_of(pid: u32) -> Option<Vec<socket2::Socket>> {
+    // SAFETY: pidfd_open on a pid we name; the result is checked.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) } as i32;
+    if pidfd < 0 {
+        eprintln!("note: pidfd_open unavailable: {}", io::Error::last_os_error());
+        return None;
+    }
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.flatten() {
+        let Ok(target) = std::fs::read_link(entry.path()) else { continue };
+        if !target.to_string_lossy().starts_with("socket:") {
+            continue;
+        }
+        let Ok(fd) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+        // SAFETY: pidfd_getfd duplicates the child's descriptor into ours.
+        let dup = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd, fd, 0) } as i32;
+        if dup < 0 {
+            eprintln!("note: pidfd_getfd refused: {}", io::Error::last_os_error());
+            // SAFETY: closing the pidfd we opened.
+            unsafe { libc::close(pidfd) };
+            return None;
+        }
+        // SAFETY: `dup` is a descriptor we now own.
+        out.push(unsafe { <socket2::Socket as std::os::fd::FromRawFd>::from_raw_fd(dup) });
+    }
+    // SAFETY: closing the pidfd we opened.
+    unsafe { libc::close(pidfd) };
+    Some(out)
+}
