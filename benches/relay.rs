@@ -841,33 +841,10 @@ fn with_cpu<R>(t: &Target, f: impl FnOnce() -> R) -> (R, f64) {
     (r, cores)
 }
 
-/// System calls the proxy makes per MiB relayed, counted by `strace -c -f`
-/// over one transfer of `mib` MiB.
-fn syscalls_per_mib(t: &Target, sink: SocketAddr, mib: usize) -> Option<f64> {
-    let (proxy, pid) = (t.proxy?, t.child.as_ref()?.id());
-    let out = std::env::temp_dir().join(format!("slabsocks-bench-strace-mib-{pid}"));
-    let mut cmd = Command::new("strace");
-    cmd.args(["-c", "-f", "-o"]).arg(&out);
-    for p in tree(pid) {
-        cmd.args(["-p", &p.to_string()]);
-    }
-    let mut strace = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().ok()?;
-    std::thread::sleep(Duration::from_millis(500));
-    throughput(Some(proxy), sink, mib << 20);
-    std::thread::sleep(Duration::from_millis(300));
-    // SAFETY: kill(2) on the pid of a child we started.
-    unsafe { libc::kill(strace.id() as i32, libc::SIGINT) };
-    let _ = strace.wait();
-    let text = std::fs::read_to_string(&out).ok()?;
-    let _ = std::fs::remove_file(&out);
-    let total: f64 = text.lines().find(|l| l.contains(" total"))?.split_whitespace().nth(3)?.parse().ok()?;
-    Some(total / mib as f64)
-}
-
-/// System calls the proxy makes per session (connect, handshake, 64-byte
-/// echo, close), counted by `strace -c -f` over `n` sequential sessions.
-/// A count, not a time: it does not depend on how busy the machine is.
-fn syscalls_per_session(t: &Target, echo64: SocketAddr, n: usize) -> Option<f64> {
+/// System calls the proxy's process tree makes while `work` runs, counted
+/// by `strace -c -f`, divided by the units `work` says it did. A count, not
+/// a time: it does not depend on how busy the machine is.
+fn syscalls_per(t: &Target, work: impl FnOnce(SocketAddr) -> usize) -> Option<f64> {
     let (proxy, pid) = (t.proxy?, t.child.as_ref()?.id());
     let out = std::env::temp_dir().join(format!("slabsocks-bench-strace-{pid}"));
     let mut cmd = Command::new("strace");
@@ -877,15 +854,7 @@ fn syscalls_per_session(t: &Target, echo64: SocketAddr, n: usize) -> Option<f64>
     }
     let mut strace = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().ok()?;
     std::thread::sleep(Duration::from_millis(500));
-    let mut ok = 0;
-    for _ in 0..n {
-        let r = dial(Some(proxy), echo64).and_then(|mut s| {
-            s.write_all(&[7u8; 64])?;
-            let mut b = [0u8; 64];
-            s.read_exact(&mut b)
-        });
-        ok += usize::from(r.is_ok());
-    }
+    let units = work(proxy);
     std::thread::sleep(Duration::from_millis(300));
     // SAFETY: kill(2) on the pid of a child we started.
     unsafe { libc::kill(strace.id() as i32, libc::SIGINT) };
@@ -893,7 +862,32 @@ fn syscalls_per_session(t: &Target, echo64: SocketAddr, n: usize) -> Option<f64>
     let text = std::fs::read_to_string(&out).ok()?;
     let _ = std::fs::remove_file(&out);
     let total: f64 = text.lines().find(|l| l.contains(" total"))?.split_whitespace().nth(3)?.parse().ok()?;
-    (ok > 0).then(|| total / ok as f64)
+    (units > 0).then(|| total / units as f64)
+}
+
+/// System calls per MiB relayed, over one transfer of `mib` MiB.
+fn syscalls_per_mib(t: &Target, sink: SocketAddr, mib: usize) -> Option<f64> {
+    syscalls_per(t, |proxy| {
+        throughput(Some(proxy), sink, mib << 20);
+        mib
+    })
+}
+
+/// System calls per session (connect, handshake, 64-byte echo, close),
+/// over `n` sequential sessions.
+fn syscalls_per_session(t: &Target, echo64: SocketAddr, n: usize) -> Option<f64> {
+    syscalls_per(t, |proxy| {
+        (0..n)
+            .filter(|_| {
+                dial(Some(proxy), echo64)
+                    .and_then(|mut s| {
+                        s.write_all(&[7u8; 64])?;
+                        s.read_exact(&mut [0u8; 64])
+                    })
+                    .is_ok()
+            })
+            .count()
+    })
 }
 
 /// The command that starts target `t` listening on `addr` (not pinned),
