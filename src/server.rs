@@ -722,6 +722,12 @@ impl Loop {
         if let Some(m) = &mut self.metrics {
             m.expire(self.now);
         }
+        // The counters are only read by the metrics endpoint: without one,
+        // no gauge to read (the resolver's queue is behind a lock) and no
+        // stores to make, every turn.
+        if self.config.metrics_listen.is_none() {
+            return;
+        }
         let stats = &mut self.env.stats;
         stats.set(Stat::Active, self.conns.len() as u64);
         stats.set(Stat::MaxConnections, self.accept.max_conns() as u64);

@@ -91,3 +91,23 @@ fn the_preferred_family_goes_first() {
     s.write_all(b"v6").unwrap();
     expect(&mut s, b"v6");
 }
+
+/// A racer that fails (a refused port) makes way for the next address:
+/// IPv6 silent, then a refused IPv4 address races it and fails, then the
+/// answering IPv4 address races and wins.
+#[test]
+fn a_failed_racer_makes_way_for_the_next_address() {
+    let Some((silent, _fill)) = unresponsive_v6() else {
+        eprintln!("skipped: no IPv6 loopback");
+        return;
+    };
+    let echo = echo_server("127.0.0.1:0");
+    let proxy = Proxy::with(|c| {
+        c.lookup = named(vec![silent, closed_port(), echo]);
+        c.connect_timeout = Duration::from_secs(5);
+    });
+    let (mut s, rep, _) = request(proxy.addr, &connect_domain("dual.test", 1));
+    assert_eq!(rep, 0, "the third address should win");
+    s.write_all(b"third").unwrap();
+    expect(&mut s, b"third");
+}
