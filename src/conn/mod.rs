@@ -251,6 +251,7 @@ impl fmt::Display for Close {
 }
 
 /// What a state handler tells the driver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Flow {
     /// The state changed; run the new one at once (its bytes may already be
     /// here: greeting and request in one packet raise one event).

@@ -166,29 +166,23 @@ impl Associated {
         let mut scratch = ctx.env.udp_cfg.scratch.take().unwrap_or_else(|| vec![0; SCRATCH].into_boxed_slice());
         let mut budget = BUDGET;
         let mut moved = false;
-        while budget > 0 && client.ready.has(Ready::UP_R) {
-            match self.near.recv_from(&mut scratch) {
-                Ok((n, from)) => {
-                    moved |= self.client_datagram(&mut scratch[..n], from, ctx);
-                    budget -= 1;
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => client.ready.clear(Ready::UP_R),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                // ICMP errors from earlier sends surface here; they concern
-                // one datagram only.
-                Err(e) => log::debug!("#{} UDP from client: {e}", ctx.id),
+        // The client's datagrams first, then the remotes': each costs one
+        // unit of the budget, so a flood on one association yields.
+        while budget > 0 {
+            let got = match take(&self.near, &mut scratch, &mut client.ready, Ready::UP_R) {
+                Some(got) => got.map(|(n, from)| self.client_datagram(&mut scratch[..n], from, ctx)),
+                None => match take(&self.far, &mut scratch[MAX_UDP_IP_HEADER_LEN..], &mut client.ready, Ready::REMOTE_R) {
+                    Some(got) => got.map(|(n, from)| {
+                        self.remote_datagram(&mut scratch[..MAX_UDP_IP_HEADER_LEN + n], from, ctx)
+                    }),
+                    None => break,
+                },
+            };
+            match got {
+                Ok(relayed) => moved |= relayed,
+                Err(e) => log::debug!("#{} UDP: {e}", ctx.id),
             }
-        }
-        while budget > 0 && client.ready.has(Ready::REMOTE_R) {
-            match self.far.recv_from(&mut scratch[MAX_UDP_IP_HEADER_LEN..]) {
-                Ok((n, from)) => {
-                    moved |= self.remote_datagram(&mut scratch[..MAX_UDP_IP_HEADER_LEN + n], from, ctx);
-                    budget -= 1;
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => client.ready.clear(Ready::REMOTE_R),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => log::debug!("#{} UDP from remote: {e}", ctx.id),
-            }
+            budget -= 1;
         }
         ctx.env.udp_cfg.scratch = Some(scratch);
         // Only datagrams relayed count as activity: a stranger spraying the
@@ -341,13 +335,31 @@ fn watch_control(client: &mut Client) -> Result<Flow, Close> {
             return Ok(Flow::Wait);
         }
         match read(&mut client.stream, &mut sink) {
-            Io::Done(n) if n < sink.len() => client.ready.short_read(Ready::CLIENT_R),
+            // No short-read shortcut: saving an `EAGAIN` read on a
+            // connection that should carry nothing is not worth its code.
             Io::Done(_) => {}
             Io::WouldBlock => client.ready.clear(Ready::CLIENT_R),
             Io::Eof | Io::Err(_) => return Err(Close::ControlClosed),
         }
     }
     Ok(Flow::Again)
+}
+
+/// The next datagram on `socket` while its readiness `bit` is set: `None`
+/// once it is drained (the bit cleared). An error (an ICMP error of an
+/// earlier send, where the socket reports them) concerns one call only; it
+/// is returned and costs the caller one unit of its budget.
+fn take(socket: &UdpSocket, buf: &mut [u8], ready: &mut Ready, bit: u8) -> Option<io::Result<(usize, SocketAddr)>> {
+    if !ready.has(bit) {
+        return None;
+    }
+    match socket.recv_from(buf) {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+            ready.clear(bit);
+            None
+        }
+        got => Some(got),
+    }
 }
 
 #[cfg(test)]
@@ -376,5 +388,106 @@ mod tests {
         assert_eq!(pool.free(), (0, 0));
         assoc.recycle(&mut pool);
         assert_eq!(pool.free(), (1, 0));
+    }
+
+    /// An association on loopback whose far side sends to `dest`; the
+    /// client's datagrams come from `client`.
+    fn association() -> (Box<Associated>, std::net::UdpSocket, SocketAddr) {
+        let near = UdpSocket::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let (far, far_v6) = open_far().unwrap();
+        let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        client.connect(near.local_addr().unwrap()).unwrap();
+        let assoc = Box::new(Associated {
+            near,
+            far,
+            far_v6,
+            client_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            pinned: None,
+            pending: None,
+            cache: Default::default(),
+        });
+        let near = assoc.near.local_addr().unwrap();
+        (assoc, client, near)
+    }
+
+    /// The control connection: ours (mio) and the client's end.
+    fn control() -> (Client, std::net::TcpStream) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let theirs = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (ours, _) = l.accept().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        let stream = mio::net::TcpStream::from_std(ours);
+        (Client { stream, ready: Ready::default(), exempt: false, user: 0, dialect: super::super::Dialect::Socks5 }, theirs)
+    }
+
+    fn drain_count(s: &std::net::UdpSocket) -> usize {
+        s.set_nonblocking(true).unwrap();
+        let mut buf = [0u8; 64];
+        std::iter::from_fn(|| s.recv_from(&mut buf).ok()).count()
+    }
+
+    /// Mutation (the budget never spent, or spent past zero): a flood of
+    /// client datagrams is relayed `BUDGET` a turn, and the session yields
+    /// (`Again`) with the rest still queued; the next turn takes them and
+    /// waits. Relayed datagrams push the idle deadline back.
+    #[test]
+    fn a_flood_of_datagrams_yields_after_its_budget() {
+        let (assoc, client_udp, _) = association();
+        let (mut client, _control) = control();
+        let dest = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let to = dest.local_addr().unwrap();
+        let mut datagram = [0u8; 16];
+        let at = encode_udp_header(to, &mut datagram);
+        let flood = BUDGET as usize + 36;
+        for _ in 0..flood {
+            client_udp.send(&datagram[..at + 4]).unwrap();
+        }
+        let mut env = super::super::tests::env();
+        let t0 = Instant::now();
+        let idle = Duration::from_secs(10);
+        env.timers = crate::timer::Timers::new(t0, [None, None, None, None, None, Some(idle)]);
+        env.timers.set(0, Kind::UdpIdle, t0);
+        let poll = mio::Poll::new().unwrap();
+        let later = t0 + Duration::from_secs(5);
+        let mut ctx = Ctx { registry: poll.registry(), env: &mut env, now: later, key: 0, id: 0 };
+        client.ready.set(Ready::UP_R);
+        let (state, flow) = assoc.step(&mut client, &mut ctx);
+        assert_eq!(flow, Flow::Again, "a full budget yields");
+        assert_eq!(drain_count(&dest), BUDGET as usize, "one turn relays its budget");
+        assert!(client.ready.has(Ready::UP_R), "the rest is still queued");
+        let deadline = ctx.env.timers.next_deadline().unwrap();
+        assert!(deadline >= later + idle - Duration::from_millis(1), "relaying pushed the idle deadline back");
+        let State::Associated(assoc) = state else { panic!("the association goes on") };
+        let (_, flow) = assoc.step(&mut client, &mut ctx);
+        assert_eq!(flow, Flow::Wait, "drained: the session waits");
+        assert_eq!(drain_count(&dest), flood - BUDGET as usize, "the next turn relays the rest");
+        assert!(!client.ready.has(Ready::UP_R), "a drained socket's readiness is cleared");
+    }
+
+    /// A turn with nothing queued on either socket clears both readiness
+    /// bits and waits (it must neither spin nor yield).
+    #[test]
+    fn nothing_queued_clears_readiness_and_waits() {
+        let (assoc, _client_udp, _) = association();
+        let (mut client, _control) = control();
+        let mut env = super::super::tests::env();
+        let poll = mio::Poll::new().unwrap();
+        let mut ctx = Ctx { registry: poll.registry(), env: &mut env, now: Instant::now(), key: 0, id: 0 };
+        client.ready.set(Ready::UP_R | Ready::REMOTE_R);
+        let (_, flow) = assoc.step(&mut client, &mut ctx);
+        assert_eq!(flow, Flow::Wait);
+        assert!(!client.ready.has(Ready::UP_R) && !client.ready.has(Ready::REMOTE_R));
+    }
+
+    /// A remembered name is used until, not at, its expiry.
+    #[test]
+    fn a_cached_name_expires_at_its_deadline() {
+        let (mut assoc, _, _) = association();
+        let until = Instant::now() + CACHE_TTL;
+        let ip = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1));
+        assoc.cache[0] = Some(Cached { name: "a.test".into(), ip, until });
+        assert_eq!(assoc.cached("a.test", until - Duration::from_millis(1)), Some(ip));
+        assert_eq!(assoc.cached("a.test", until), None);
+        assert_eq!(assoc.cached("b.test", until - Duration::from_secs(1)), None);
     }
 }
