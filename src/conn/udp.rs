@@ -171,12 +171,14 @@ impl Associated {
         while budget > 0 {
             let got = match take(&self.near, &mut scratch, &mut client.ready, Ready::UP_R) {
                 Some(got) => got.map(|(n, from)| self.client_datagram(&mut scratch[..n], from, ctx)),
-                None => match take(&self.far, &mut scratch[MAX_UDP_IP_HEADER_LEN..], &mut client.ready, Ready::REMOTE_R) {
-                    Some(got) => got.map(|(n, from)| {
-                        self.remote_datagram(&mut scratch[..MAX_UDP_IP_HEADER_LEN + n], from, ctx)
-                    }),
-                    None => break,
-                },
+                None => {
+                    match take(&self.far, &mut scratch[MAX_UDP_IP_HEADER_LEN..], &mut client.ready, Ready::REMOTE_R) {
+                        Some(got) => got.map(|(n, from)| {
+                            self.remote_datagram(&mut scratch[..MAX_UDP_IP_HEADER_LEN + n], from, ctx)
+                        }),
+                        None => break,
+                    }
+                }
             };
             match got {
                 Ok(relayed) => moved |= relayed,
@@ -417,7 +419,10 @@ mod tests {
         let (ours, _) = l.accept().unwrap();
         ours.set_nonblocking(true).unwrap();
         let stream = mio::net::TcpStream::from_std(ours);
-        (Client { stream, ready: Ready::default(), exempt: false, user: 0, dialect: super::super::Dialect::Socks5 }, theirs)
+        (
+            Client { stream, ready: Ready::default(), exempt: false, user: 0, dialect: super::super::Dialect::Socks5 },
+            theirs,
+        )
     }
 
     fn drain_count(s: &std::net::UdpSocket) -> usize {
