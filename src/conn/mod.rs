@@ -886,6 +886,18 @@ mod tests {
         }
     }
 
+    /// A session's client connection on loopback: ours (non-blocking mio,
+    /// as the loop holds it) and the client's end, with a read timeout.
+    pub(super) fn client() -> (Client, std::net::TcpStream) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let theirs = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        theirs.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+        let (ours, _) = l.accept().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        let stream = TcpStream::from_std(ours);
+        (Client { stream, ready: Ready::default(), exempt: false, user: 0, dialect: Dialect::Socks5 }, theirs)
+    }
+
     /// Regression: an answer that found its session in any state but
     /// Resolving replaced that state with nothing, destroying a live
     /// session. It must leave the session exactly as it was.

@@ -412,19 +412,6 @@ mod tests {
         (assoc, client, near)
     }
 
-    /// The control connection: ours (mio) and the client's end.
-    fn control() -> (Client, std::net::TcpStream) {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let theirs = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        let (ours, _) = l.accept().unwrap();
-        ours.set_nonblocking(true).unwrap();
-        let stream = mio::net::TcpStream::from_std(ours);
-        (
-            Client { stream, ready: Ready::default(), exempt: false, user: 0, dialect: super::super::Dialect::Socks5 },
-            theirs,
-        )
-    }
-
     fn drain_count(s: &std::net::UdpSocket) -> usize {
         s.set_nonblocking(true).unwrap();
         let mut buf = [0u8; 64];
@@ -438,7 +425,7 @@ mod tests {
     #[test]
     fn a_flood_of_datagrams_yields_after_its_budget() {
         let (assoc, client_udp, _) = association();
-        let (mut client, _control) = control();
+        let (mut client, _control) = super::super::tests::client();
         let dest = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let to = dest.local_addr().unwrap();
         let mut datagram = [0u8; 16];
@@ -474,7 +461,7 @@ mod tests {
     #[test]
     fn nothing_queued_clears_readiness_and_waits() {
         let (assoc, _client_udp, _) = association();
-        let (mut client, _control) = control();
+        let (mut client, _control) = super::super::tests::client();
         let mut env = super::super::tests::env();
         let poll = mio::Poll::new().unwrap();
         let mut ctx = Ctx { registry: poll.registry(), env: &mut env, now: Instant::now(), key: 0, id: 0 };
