@@ -294,4 +294,68 @@ mod tests {
         assert!(a.session_closed(99), "a closed session ends the back-off");
         assert!(!a.tick(now + BACKOFF), "nothing to resume");
     }
+
+    /// A listener on loopback with `n` connections queued.
+    fn queued(n: usize) -> (TcpListener, Vec<std::net::TcpStream>) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.set_nonblocking(true).unwrap();
+        let addr = l.local_addr().unwrap();
+        let clients = (0..n).map(|_| std::net::TcpStream::connect(addr).unwrap()).collect();
+        (TcpListener::from_std(l), clients)
+    }
+
+    /// Accepts from listener 0 once; the sessions admitted so far.
+    fn accept_once(a: &mut Accept, conns: &mut Slab<Conn>, env: &mut Env, poll: &mio::Poll) -> Accepted {
+        a.accept(0, conns, env, poll.registry(), Instant::now())
+    }
+
+    /// The queue is taken whole, then `Done`; more than a batch is taken a
+    /// batch a call, with `More` until the queue is empty.
+    #[test]
+    fn accept_takes_the_queue_a_batch_at_a_time() {
+        let (l, _clients) = queued(BATCH + 3);
+        let (mut conns, mut env, poll) = (Slab::new(), crate::conn::tests::env(), mio::Poll::new().unwrap());
+        let mut a = Accept::new(vec![l], 1000, None);
+        assert_eq!(accept_once(&mut a, &mut conns, &mut env, &poll), Accepted::More);
+        assert_eq!(conns.len(), BATCH);
+        assert_eq!(accept_once(&mut a, &mut conns, &mut env, &poll), Accepted::Done);
+        assert_eq!(conns.len(), BATCH + 3);
+        assert_eq!(a.gate, Gate::Open);
+        for (key, _) in conns.drain().enumerate() {
+            env.limits.release(key, 0);
+        }
+    }
+
+    /// At `max_connections` accepting pauses, with the rest still queued.
+    #[test]
+    fn accept_pauses_at_the_limit() {
+        let (l, _clients) = queued(3);
+        let (mut conns, mut env, poll) = (Slab::new(), crate::conn::tests::env(), mio::Poll::new().unwrap());
+        let mut a = Accept::new(vec![l], 2, None);
+        assert_eq!(accept_once(&mut a, &mut conns, &mut env, &poll), Accepted::Done);
+        assert_eq!((conns.len(), a.gate), (2, Gate::Full));
+    }
+
+    /// An accept error that concerns one client (here `EINVAL`, from a
+    /// listener shut down for reading; `ECONNABORTED` elsewhere) does not
+    /// pause accepting as a want of descriptors does.
+    #[test]
+    fn an_error_of_one_client_does_not_pause_accepting() {
+        let (l, _clients) = queued(0);
+        socket2::SockRef::from(&l).shutdown(std::net::Shutdown::Read).unwrap();
+        let (mut conns, mut env, poll) = (Slab::new(), crate::conn::tests::env(), mio::Poll::new().unwrap());
+        let mut a = Accept::new(vec![l], 10, None);
+        accept_once(&mut a, &mut conns, &mut env, &poll);
+        assert_eq!(a.gate, Gate::Open, "no back-off");
+    }
+
+    #[test]
+    fn resource_errors_are_the_want_of_descriptors_or_memory() {
+        for e in [libc::EMFILE, libc::ENFILE, libc::ENOBUFS, libc::ENOMEM] {
+            assert!(is_resource_error(&io::Error::from_raw_os_error(e)), "{e}");
+        }
+        for e in [libc::ECONNABORTED, libc::EINVAL, libc::EPERM] {
+            assert!(!is_resource_error(&io::Error::from_raw_os_error(e)), "{e}");
+        }
+    }
 }

@@ -359,4 +359,25 @@ mod tests {
         assert_eq!(reply, [5, 0, 0, 1, 127, 0, 0, 1, port[0], port[1]], "the second reply names the peer");
         state.recycle(&mut ctx.env.pool);
     }
+
+    /// A listener that fails (`EINVAL`: shut down for reading) ends the
+    /// BIND with a general failure; it is not taken for one peer's aborted
+    /// connection, nor for an empty queue.
+    #[test]
+    fn a_failing_listener_fails_the_bind() {
+        use std::io::Read;
+        let mut env = super::super::tests::env();
+        let poll = mio::Poll::new().unwrap();
+        let b = binding(None, &mut env.pool);
+        socket2::SockRef::from(&b.listener).shutdown(std::net::Shutdown::Read).unwrap();
+        let (mut client, mut theirs) = super::super::tests::client();
+        let mut ctx = Ctx { registry: poll.registry(), env: &mut env, now: Instant::now(), key: 0, id: 0 };
+        client.ready.set(Ready::UP_R);
+        let (state, _) = b.step(&mut client, &mut ctx);
+        assert!(matches!(state, State::Lingering(_)), "the session ends");
+        let mut reply = [0u8; 10];
+        theirs.read_exact(&mut reply).unwrap();
+        assert_eq!(reply[..2], [5, 1], "general failure");
+        state.recycle(&mut ctx.env.pool);
+    }
 }

@@ -848,10 +848,10 @@ pub(crate) fn in_range<T>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    pub(super) fn env() -> Env {
+    pub(crate) fn env() -> Env {
         let now = Instant::now();
         Env {
             pool: Pool::new(4096),
