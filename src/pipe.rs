@@ -122,50 +122,66 @@ impl Pipes {
     }
 }
 
+#[cfg(target_os = "linux")]
+const PIPE_FLAGS: libc::c_int = libc::O_NONBLOCK | libc::O_CLOEXEC;
+#[cfg(target_os = "linux")]
+const SPLICE_FLAGS: libc::c_uint = libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK;
+
+/// The capacity assumed when the kernel does not say (it always does).
+#[cfg(target_os = "linux")]
+const DEFAULT_CAPACITY: usize = 64 * 1024;
+
 /// A non-blocking pipe, sized to `size` when it is not 0; with the capacity
 /// it got (the kernel rounds up to pages, and may refuse a size beyond
 /// `fs.pipe-max-size` or the user's pipe allowance: the default stays).
-#[cfg(target_os = "linux")]
+/// Elsewhere than on Linux, no pipe: the relay copies. (One function with
+/// the platforms inside, not one per platform: cargo-mutants, run on Linux,
+/// would count the other platform's mutants as missed.)
 fn new_pipe(size: usize) -> io::Result<(Pipe, usize)> {
-    let mut fds = [0; 2];
-    // SAFETY: pipe2 writes two descriptors into a valid array of two ints.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
-        return Err(io::Error::last_os_error());
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = size;
+        Err(io::Error::from(io::ErrorKind::Unsupported))
     }
-    // SAFETY: pipe2 succeeded, so both are open descriptors owned by no one
-    // else; each OwnedFd closes its own once.
-    let pipe = unsafe { Pipe { r: OwnedFd::from_raw_fd(fds[0]), w: OwnedFd::from_raw_fd(fds[1]) } };
-    let want = libc::c_int::try_from(size).unwrap_or(libc::c_int::MAX);
-    if size != 0 {
-        // SAFETY: fcntl on a descriptor we own; F_SETPIPE_SZ takes an int.
-        unsafe { libc::fcntl(fds[1], libc::F_SETPIPE_SZ, want) };
+    #[cfg(target_os = "linux")]
+    {
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 writes two descriptors into a valid array of two ints.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), PIPE_FLAGS) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: pipe2 succeeded, so both are open descriptors owned by no
+        // one else; each OwnedFd closes its own once.
+        let pipe = unsafe { Pipe { r: OwnedFd::from_raw_fd(fds[0]), w: OwnedFd::from_raw_fd(fds[1]) } };
+        let want = libc::c_int::try_from(size).unwrap_or(libc::c_int::MAX);
+        if size != 0 {
+            // SAFETY: fcntl on a descriptor we own; F_SETPIPE_SZ takes an int.
+            unsafe { libc::fcntl(fds[1], libc::F_SETPIPE_SZ, want) };
+        }
+        // SAFETY: fcntl on a descriptor we own; F_GETPIPE_SZ takes no argument.
+        let got = unsafe { libc::fcntl(fds[1], libc::F_GETPIPE_SZ) };
+        let chunk = usize::try_from(got).map_or(DEFAULT_CAPACITY, |n| n.max(4096));
+        Ok((pipe, chunk))
     }
-    // SAFETY: fcntl on a descriptor we own; F_GETPIPE_SZ takes no argument.
-    let got = unsafe { libc::fcntl(fds[1], libc::F_GETPIPE_SZ) };
-    let chunk = usize::try_from(got).ok().filter(|&n| n > 0).unwrap_or(64 * 1024);
-    Ok((pipe, chunk))
-}
-
-#[cfg(not(target_os = "linux"))]
-fn new_pipe(_size: usize) -> io::Result<(Pipe, usize)> {
-    Err(io::Error::from(io::ErrorKind::Unsupported))
 }
 
 /// Moves up to `len` bytes from `from` to `to`, one of which is a pipe,
 /// without blocking on the pipe (the socket is non-blocking already).
-/// `Ok(0)` from a socket is its EOF.
-#[cfg(target_os = "linux")]
+/// `Ok(0)` from a socket is its EOF. Linux only (see [`new_pipe`]).
 pub(crate) fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
-    let flags = libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK;
-    // SAFETY: splice(2) with null offsets (both ends are a pipe or a socket)
-    // only reads and writes the kernel objects the descriptors name.
-    let n = unsafe { libc::splice(from, std::ptr::null_mut(), to, std::ptr::null_mut(), len, flags) };
-    usize::try_from(n).map_err(|_| io::Error::last_os_error())
-}
-
-#[cfg(not(target_os = "linux"))]
-pub(crate) fn splice(_from: RawFd, _to: RawFd, _len: usize) -> io::Result<usize> {
-    Err(io::Error::from(io::ErrorKind::Unsupported))
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = (from, to, len);
+        Err(io::Error::from(io::ErrorKind::Unsupported))
+    }
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: splice(2) with null offsets (both ends are a pipe or a
+        // socket) only reads and writes the kernel objects the descriptors
+        // name.
+        let n = unsafe { libc::splice(from, std::ptr::null_mut(), to, std::ptr::null_mut(), len, SPLICE_FLAGS) };
+        usize::try_from(n).map_err(|_| io::Error::last_os_error())
+    }
 }
 
 #[cfg(all(test, target_os = "linux"))]

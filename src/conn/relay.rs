@@ -104,11 +104,18 @@ struct Dir {
     shut: u8,
     /// `dst` failed a write: what `src` sends is dropped.
     dead: u8,
-    /// The other direction's `shut`.
-    other_shut: u8,
-    /// The other direction's `dead`: a read error on `src` (a reset) means
-    /// it cannot be written to either.
-    other_dead: u8,
+    /// A read error on `src` (a reset): `eof`, and the other direction's
+    /// `dead` (a reset socket cannot be written to either). (The flag
+    /// combinations are constants: cargo-mutants would otherwise turn a `|`
+    /// of disjoint bits into a `^` no test can tell apart.)
+    reset: u8,
+    /// `eof` and `shut`: the EOF is to be passed on when, of these, only
+    /// `eof` is set.
+    eof_shut: u8,
+    /// The other direction's `shut` and this one's `dead`: with either
+    /// set, no `shutdown` (the close sends the FIN, or the destination is
+    /// gone).
+    no_fin: u8,
     /// A read has filled a whole buffer: the direction carries bulk, and
     /// splices from now on. Until then it copies: for small messages a
     /// splice costs a syscall more than a copy (its `EAGAIN`, which the
@@ -124,6 +131,13 @@ const TX_DEAD: u8 = 16;
 const RX_DEAD: u8 = 32;
 const TX_BULK: u8 = 64;
 const RX_BULK: u8 = 128;
+/// Both directions are over.
+const BOTH_SHUT: u8 = TX_SHUT | RX_SHUT;
+/// The bits [`end`] looks at, past `RX_DEAD`.
+const END_BITS: u8 = TX_SHUT | RX_SHUT | TX_DEAD;
+/// The answer is out and the upstream is gone while the client may still
+/// be sending: linger on the client.
+const LINGER_ENDS: u8 = RX_SHUT | TX_DEAD;
 /// Client to upstream.
 const TX: Dir = Dir {
     idx: 0,
@@ -132,8 +146,9 @@ const TX: Dir = Dir {
     eof: TX_EOF,
     shut: TX_SHUT,
     dead: TX_DEAD,
-    other_shut: RX_SHUT,
-    other_dead: RX_DEAD,
+    reset: TX_EOF | RX_DEAD,
+    eof_shut: TX_EOF | TX_SHUT,
+    no_fin: RX_SHUT | TX_DEAD,
     bulk: TX_BULK,
 };
 /// Upstream to client.
@@ -144,8 +159,9 @@ const RX: Dir = Dir {
     eof: RX_EOF,
     shut: RX_SHUT,
     dead: RX_DEAD,
-    other_shut: TX_SHUT,
-    other_dead: TX_DEAD,
+    reset: RX_EOF | TX_DEAD,
+    eof_shut: RX_EOF | RX_SHUT,
+    no_fin: TX_SHUT | RX_DEAD,
     bulk: RX_BULK,
 };
 
@@ -247,7 +263,7 @@ impl Half {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => moved = true,
                 Err(e) => {
                     log::debug!("#{id} relay splice in: {e}");
-                    *ends |= dir.eof | dir.other_dead;
+                    *ends |= dir.reset;
                     moved = true;
                 }
             }
@@ -311,7 +327,7 @@ impl Half {
                 Io::WouldBlock => ready.clear(src_r),
                 Io::Err(e) => {
                     log::debug!("#{id} relay read: {e}");
-                    *ends |= dir.eof | dir.other_dead;
+                    *ends |= dir.reset;
                     moved = true;
                 }
             }
@@ -351,10 +367,10 @@ impl Half {
     /// buffer, and no pipe: both are given back when drained); true when it
     /// did.
     fn pass_eof(&self, dst: &mut TcpStream, dir: &Dir, ends: &mut u8) -> bool {
-        if *ends & (dir.eof | dir.shut) != dir.eof || self.buf.is_some() || self.end != 0 {
+        if *ends & dir.eof_shut != dir.eof || self.buf.is_some() || self.end != 0 {
             return false;
         }
-        if *ends & (dir.other_shut | dir.dead) == 0 {
+        if *ends & dir.no_fin == 0 {
             // The peer may already be gone; the session ends on its own then.
             let _ = dst.shutdown(Shutdown::Write);
         }
@@ -383,9 +399,9 @@ fn end(ends: u8) -> Option<Pumped> {
     if ends & RX_DEAD != 0 {
         return Some(Pumped::Close(Close::ClientGone));
     }
-    match ends & (TX_SHUT | RX_SHUT | TX_DEAD) {
-        e if e & (TX_SHUT | RX_SHUT) == TX_SHUT | RX_SHUT => Some(Pumped::Close(Close::Done)),
-        e if e == RX_SHUT | TX_DEAD => Some(Pumped::Linger),
+    match ends & END_BITS {
+        e if e & BOTH_SHUT == BOTH_SHUT => Some(Pumped::Close(Close::Done)),
+        LINGER_ENDS => Some(Pumped::Linger),
         _ => None,
     }
 }
