@@ -604,6 +604,84 @@ mod tests {
         assert_eq!(pool.pipes.take(), Some(empty), "the pooled one is the drained one");
     }
 
+    /// A relay set up for the copy path, with the client's and upstream's
+    /// peers.
+    fn copying(env: &mut super::super::Env) -> (Relay, TcpStream, std::net::TcpStream, std::net::TcpStream) {
+        let (client, client_peer) = pair();
+        let (up, up_peer) = pair();
+        let carry = Carry { buf: env.pool.relay(), start: 0, end: 0 };
+        (Relay::new(up, carry), client, client_peer, up_peer)
+    }
+
+    /// Mutation (a read whatever the readiness): a direction reads only
+    /// when its source is known readable (edge-triggered: it is told).
+    #[test]
+    fn a_direction_reads_only_when_told_its_source_is_readable() {
+        let mut env = super::super::tests::env();
+        let (mut relay, mut client, mut client_peer, up_peer) = copying(&mut env);
+        client_peer.write_all(b"queued").unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let poll = mio::Poll::new().unwrap();
+        let mut ctx = Ctx { registry: poll.registry(), env: &mut env, now: std::time::Instant::now(), key: 0, id: 0 };
+        let mut ready = Ready::default();
+        ready.set(Ready::CLIENT_W | Ready::UP_W);
+        assert_eq!(relay.pump(&mut client, &mut ready, 0, &mut ctx), Pumped::Wait);
+        up_peer.set_nonblocking(true).unwrap();
+        let mut buf = [0u8; 16];
+        assert!(std::io::Read::read(&mut &up_peer, &mut buf).is_err(), "nothing was read, nothing sent");
+        ready.set(Ready::CLIENT_R);
+        relay.pump(&mut client, &mut ready, 0, &mut ctx);
+        up_peer.set_nonblocking(false).unwrap();
+        up_peer.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+        assert_eq!(std::io::Read::read(&mut &up_peer, &mut buf).unwrap(), 6, "told, it reads");
+    }
+
+    /// Mutation (reading on after the EOF): a half-closed session waits for
+    /// the other direction; it does not read its EOF again and again.
+    #[test]
+    fn after_the_clients_eof_the_session_waits() {
+        let mut env = super::super::tests::env();
+        let (mut relay, mut client, client_peer, _up_peer) = copying(&mut env);
+        client_peer.shutdown(Shutdown::Write).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let poll = mio::Poll::new().unwrap();
+        let mut ctx = Ctx { registry: poll.registry(), env: &mut env, now: std::time::Instant::now(), key: 0, id: 0 };
+        let mut ready = Ready::default();
+        ready.set(Ready::CLIENT_R | Ready::CLIENT_W | Ready::UP_W);
+        assert_eq!(relay.pump(&mut client, &mut ready, 0, &mut ctx), Pumped::Wait);
+        assert_ne!(relay.ends & TX_SHUT, 0, "the EOF was passed on");
+        ready.set(Ready::CLIENT_R);
+        assert_eq!(relay.pump(&mut client, &mut ready, 0, &mut ctx), Pumped::Wait, "and stays passed");
+    }
+
+    /// Mutation (a pipe taken whatever the source's readiness): a bulk
+    /// direction with nothing to read takes no pipe (it would open one,
+    /// two descriptors, to give it back empty); with bytes to read it
+    /// splices, and gives the drained pipe back to the pool.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_pipe_is_taken_only_when_the_source_has_bytes() {
+        let (mut client, mut client_peer) = pair();
+        let (up, _up_peer) = pair();
+        let mut env = super::super::tests::env();
+        env.pool = Pool::with_pipes(4096, crate::pipe::Pipes::new(2, 0));
+        let poll = mio::Poll::new().unwrap();
+        let mut ctx = Ctx { registry: poll.registry(), env: &mut env, now: std::time::Instant::now(), key: 0, id: 0 };
+        let carry = Carry { buf: ctx.env.pool.relay(), start: 0, end: 0 };
+        let mut relay = Relay::new(up, carry);
+        relay.ends |= TX_BULK | RX_BULK;
+        let mut ready = Ready::default();
+        ready.set(Ready::CLIENT_W | Ready::UP_W);
+        relay.pump(&mut client, &mut ready, 0, &mut ctx);
+        assert_eq!(ctx.env.pool.pipes.counts(), (0, 0), "nothing to read: no pipe");
+        client_peer.write_all(b"bulk").unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        ready.set(Ready::CLIENT_R);
+        relay.pump(&mut client, &mut ready, 0, &mut ctx);
+        assert_eq!(relay.pipes, [None, None], "drained pipes are given back");
+        assert_eq!(ctx.env.pool.pipes.counts(), (1, 1), "the bytes went through a pipe, now pooled");
+    }
+
     /// A write error while the pipe holds bytes ends the direction and
     /// closes the pipe, never pools it.
     #[cfg(target_os = "linux")]
