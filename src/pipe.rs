@@ -129,7 +129,7 @@ const SPLICE_FLAGS: libc::c_uint = libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK
 
 /// The capacity assumed when the kernel does not say (it always does).
 #[cfg(target_os = "linux")]
-const DEFAULT_CAPACITY: usize = 64 * 1024;
+const DEFAULT_CAPACITY: usize = 65_536;
 
 /// A non-blocking pipe, sized to `size` when it is not 0; with the capacity
 /// it got (the kernel rounds up to pages, and may refuse a size beyond

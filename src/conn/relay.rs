@@ -105,9 +105,7 @@ struct Dir {
     /// `dst` failed a write: what `src` sends is dropped.
     dead: u8,
     /// A read error on `src` (a reset): `eof`, and the other direction's
-    /// `dead` (a reset socket cannot be written to either). (The flag
-    /// combinations are constants: cargo-mutants would otherwise turn a `|`
-    /// of disjoint bits into a `^` no test can tell apart.)
+    /// `dead` (a reset socket cannot be written to either).
     reset: u8,
     /// `eof` and `shut`: the EOF is to be passed on when, of these, only
     /// `eof` is set.
