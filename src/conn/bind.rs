@@ -365,6 +365,10 @@ mod tests {
     /// connection, nor for an empty queue.
     #[test]
     fn a_failing_listener_fails_the_bind() {
+        super::super::tests::within_5s(a_failing_listener_fails_the_bind_body);
+    }
+
+    fn a_failing_listener_fails_the_bind_body() {
         use std::io::Read;
         let mut env = super::super::tests::env();
         let poll = mio::Poll::new().unwrap();
@@ -379,5 +383,29 @@ mod tests {
         theirs.read_exact(&mut reply).unwrap();
         assert_eq!(reply[..2], [5, 1], "general failure");
         state.recycle(&mut ctx.env.pool);
+    }
+
+    fn control_via(ip: &str) -> (TcpStream, std::net::TcpStream) {
+        let l = std::net::TcpListener::bind((ip, 0)).unwrap();
+        let theirs = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (ours, _) = l.accept().unwrap();
+        (TcpStream::from_std(ours), theirs)
+    }
+
+    /// The listener's address: the control connection's own when the
+    /// families match (DST.ADDR unspecified included), else the route's
+    /// towards DST.ADDR; none for an unspecified DST.ADDR of the other
+    /// family. `--external-addr` replaces the advertised one.
+    #[test]
+    fn addresses_follow_the_control_connection_or_the_route() {
+        let none = BindSettings { enabled: true, ports: None, external: Vec::new(), cursor: 0 };
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let (v4, _t4) = control_via("127.0.0.2");
+        assert_eq!(addresses(ip("127.0.0.9"), &v4, &none), Some((ip("127.0.0.2"), ip("127.0.0.2"))));
+        assert_eq!(addresses(ip("0.0.0.0"), &v4, &none), Some((ip("127.0.0.2"), ip("127.0.0.2"))));
+        assert_eq!(addresses(ip("::1"), &v4, &none), Some((ip("::1"), ip("::1"))), "IPv6 peer, IPv4 control");
+        assert_eq!(addresses(ip("::"), &v4, &none), None, "no IPv6 address to offer");
+        let ext = BindSettings { external: vec![ip("192.0.2.7")], ..none };
+        assert_eq!(addresses(ip("127.0.0.9"), &v4, &ext), Some((ip("127.0.0.2"), ip("192.0.2.7"))));
     }
 }

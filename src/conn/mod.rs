@@ -886,6 +886,25 @@ pub(crate) mod tests {
         }
     }
 
+    /// Runs `f` on a thread and fails if it has not returned within 5 s:
+    /// a test of code that could loop for ever fails instead of hanging.
+    pub(crate) fn within_5s(f: impl FnOnce() + Send + 'static) {
+        let (done, finished) = std::sync::mpsc::channel();
+        let t = std::thread::spawn(move || {
+            f();
+            let _ = done.send(());
+        });
+        match finished.recv_timeout(std::time::Duration::from_secs(5)) {
+            Ok(()) => t.join().unwrap(),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                std::panic::resume_unwind(t.join().expect_err("the thread ended without finishing"))
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                panic!("still running after 5 s: a loop that never ends?")
+            }
+        }
+    }
+
     /// A session's client connection on loopback: ours (non-blocking mio,
     /// as the loop holds it) and the client's end, with a read timeout.
     pub(super) fn client() -> (Client, std::net::TcpStream) {
