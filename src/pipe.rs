@@ -52,7 +52,7 @@ impl Pipes {
 
     pub(crate) fn new(max: usize, size: usize) -> Pipes {
         let max = if cfg!(target_os = "linux") { max } else { 0 };
-        let chunk = if size == 0 { 64 * 1024 } else { size };
+        let chunk = if size == 0 { DEFAULT_CAPACITY } else { size };
         Pipes { open: slab::Slab::new(), free: Vec::new(), low: 0, max, size, chunk, exhausted: false }
     }
 
@@ -127,8 +127,8 @@ const PIPE_FLAGS: libc::c_int = libc::O_NONBLOCK | libc::O_CLOEXEC;
 #[cfg(target_os = "linux")]
 const SPLICE_FLAGS: libc::c_uint = libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK;
 
-/// The capacity assumed when the kernel does not say (it always does).
-#[cfg(target_os = "linux")]
+/// The kernel's default pipe capacity, and the one assumed when it does
+/// not say (it always does).
 const DEFAULT_CAPACITY: usize = 65_536;
 
 /// A non-blocking pipe, sized to `size` when it is not 0; with the capacity

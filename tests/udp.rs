@@ -12,9 +12,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-/// A UDP echo server counting the datagrams it gets.
+/// How long a test waits for a datagram: shorter than IO_TIMEOUT, so a bug
+/// that loses them all fails each test in 2 s instead of hanging the suite.
 const DATAGRAM_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// A UDP echo server counting the datagrams it gets.
 fn udp_echo(addr: &str) -> (SocketAddr, Arc<AtomicUsize>) {
     let s = UdpSocket::bind(addr).unwrap();
     let local = s.local_addr().unwrap();
@@ -44,8 +46,6 @@ fn associate(proxy: SocketAddr, dst: SocketAddr) -> (TcpStream, SocketAddr) {
 
 fn client_socket(addr: &str) -> UdpSocket {
     let s = UdpSocket::bind(addr).unwrap();
-    // Shorter than IO_TIMEOUT: a lost datagram fails its test in 2 s, so a
-    // bug that loses them all fails the suite quickly instead of hanging it.
     s.set_read_timeout(Some(DATAGRAM_TIMEOUT)).unwrap();
     s
 }

@@ -905,16 +905,46 @@ pub(crate) mod tests {
         }
     }
 
-    /// A session's client connection on loopback: ours (non-blocking mio,
-    /// as the loop holds it) and the client's end, with a read timeout.
-    pub(super) fn client() -> (Client, std::net::TcpStream) {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    /// A connection on loopback to a listener on `ip`: ours (non-blocking
+    /// mio, as the loop holds it) and theirs (blocking, 10 s read timeout).
+    pub(crate) fn pair_via(ip: &str) -> (TcpStream, std::net::TcpStream) {
+        let l = std::net::TcpListener::bind((ip, 0)).unwrap();
         let theirs = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
         theirs.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
         let (ours, _) = l.accept().unwrap();
         ours.set_nonblocking(true).unwrap();
-        let stream = TcpStream::from_std(ours);
+        (TcpStream::from_std(ours), theirs)
+    }
+
+    pub(crate) fn pair() -> (TcpStream, std::net::TcpStream) {
+        pair_via("127.0.0.1")
+    }
+
+    /// A session's client connection: ours and the client's end.
+    pub(crate) fn client() -> (Client, std::net::TcpStream) {
+        let (stream, theirs) = pair();
         (Client { stream, ready: Ready::default(), exempt: false, user: 0, dialect: Dialect::Socks5 }, theirs)
+    }
+
+    /// The context for driving session 0 (id 0) now.
+    pub(crate) fn ctx<'a>(poll: &'a mio::Poll, env: &'a mut Env) -> Ctx<'a> {
+        Ctx { registry: poll.registry(), env, now: Instant::now(), key: 0, id: 0 }
+    }
+
+    /// Waits (bounded: 5 s) until `ours` has `n` bytes queued to read, or
+    /// its EOF or an error: what a peer wrote has arrived.
+    pub(crate) fn arrived(ours: &TcpStream, n: usize) {
+        let end = Instant::now() + std::time::Duration::from_secs(5);
+        let mut buf = vec![0u8; n.max(1)];
+        loop {
+            match ours.peek(&mut buf) {
+                Ok(k) if k >= n || k == 0 => return,
+                Err(e) if e.kind() != io::ErrorKind::WouldBlock => return,
+                _ => {}
+            }
+            assert!(Instant::now() < end, "{n} bytes never arrived");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
     }
 
     /// Regression: an answer that found its session in any state but

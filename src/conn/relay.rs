@@ -501,14 +501,7 @@ mod tests {
     use super::*;
     use std::io::Write;
 
-    /// A connected pair: our end as a non-blocking mio stream, theirs std.
-    fn pair() -> (TcpStream, std::net::TcpStream) {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let theirs = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        let (ours, _) = l.accept().unwrap();
-        ours.set_nonblocking(true).unwrap();
-        (TcpStream::from_std(ours), theirs)
-    }
+    use super::super::tests::{arrived, ctx, pair};
 
     /// Regression (mutation: the budget never ends a pump): a session with
     /// more bytes waiting than one turn may move yields (`Again`) instead of
@@ -521,7 +514,7 @@ mod tests {
         let mut env = super::super::tests::env();
         env.pool = Pool::new(1024);
         let poll = mio::Poll::new().unwrap();
-        let mut ctx = Ctx { registry: poll.registry(), env: &mut env, now: std::time::Instant::now(), key: 0, id: 0 };
+        let mut ctx = ctx(&poll, &mut env);
         let carry = Carry { buf: ctx.env.pool.relay(), start: 0, end: 0 };
         let mut relay = Relay::new(up, carry);
         let mut ready = Ready::default();
@@ -554,7 +547,7 @@ mod tests {
         let mut env = super::super::tests::env();
         env.pool = Pool::with_pipes(4096, crate::pipe::Pipes::new(2, 1 << 20));
         let poll = mio::Poll::new().unwrap();
-        let mut ctx = Ctx { registry: poll.registry(), env: &mut env, now: std::time::Instant::now(), key: 0, id: 0 };
+        let mut ctx = ctx(&poll, &mut env);
         let carry = Carry { buf: ctx.env.pool.relay(), start: 0, end: 0 };
         let mut relay = Relay::new(up, carry);
         let mut ready = Ready::default();
@@ -618,9 +611,9 @@ mod tests {
         let mut env = super::super::tests::env();
         let (mut relay, mut client, mut client_peer, up_peer) = copying(&mut env);
         client_peer.write_all(b"queued").unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(20));
+        arrived(&client, 6);
         let poll = mio::Poll::new().unwrap();
-        let mut ctx = Ctx { registry: poll.registry(), env: &mut env, now: std::time::Instant::now(), key: 0, id: 0 };
+        let mut ctx = ctx(&poll, &mut env);
         let mut ready = Ready::default();
         ready.set(Ready::CLIENT_W | Ready::UP_W);
         assert_eq!(relay.pump(&mut client, &mut ready, 0, &mut ctx), Pumped::Wait);
@@ -641,9 +634,9 @@ mod tests {
         let mut env = super::super::tests::env();
         let (mut relay, mut client, client_peer, _up_peer) = copying(&mut env);
         client_peer.shutdown(Shutdown::Write).unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(20));
+        arrived(&client, 0);
         let poll = mio::Poll::new().unwrap();
-        let mut ctx = Ctx { registry: poll.registry(), env: &mut env, now: std::time::Instant::now(), key: 0, id: 0 };
+        let mut ctx = ctx(&poll, &mut env);
         let mut ready = Ready::default();
         ready.set(Ready::CLIENT_R | Ready::CLIENT_W | Ready::UP_W);
         assert_eq!(relay.pump(&mut client, &mut ready, 0, &mut ctx), Pumped::Wait);
@@ -659,25 +652,25 @@ mod tests {
     #[cfg(target_os = "linux")]
     #[test]
     fn a_pipe_is_taken_only_when_the_source_has_bytes() {
-        let (mut client, mut client_peer) = pair();
-        let (up, _up_peer) = pair();
         let mut env = super::super::tests::env();
         env.pool = Pool::with_pipes(4096, crate::pipe::Pipes::new(2, 0));
+        let (mut relay, mut client, mut client_peer, mut up_peer) = copying(&mut env);
         let poll = mio::Poll::new().unwrap();
-        let mut ctx = Ctx { registry: poll.registry(), env: &mut env, now: std::time::Instant::now(), key: 0, id: 0 };
-        let carry = Carry { buf: ctx.env.pool.relay(), start: 0, end: 0 };
-        let mut relay = Relay::new(up, carry);
+        let mut ctx = ctx(&poll, &mut env);
         relay.ends |= TX_BULK | RX_BULK;
         let mut ready = Ready::default();
         ready.set(Ready::CLIENT_W | Ready::UP_W);
         relay.pump(&mut client, &mut ready, 0, &mut ctx);
         assert_eq!(ctx.env.pool.pipes.counts(), (0, 0), "nothing to read: no pipe");
         client_peer.write_all(b"bulk").unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(20));
+        arrived(&client, 4);
         ready.set(Ready::CLIENT_R);
         relay.pump(&mut client, &mut ready, 0, &mut ctx);
         assert_eq!(relay.pipes, [None, None], "drained pipes are given back");
         assert_eq!(ctx.env.pool.pipes.counts(), (1, 1), "the bytes went through a pipe, now pooled");
+        let mut got = [0u8; 4];
+        std::io::Read::read_exact(&mut up_peer, &mut got).unwrap();
+        assert_eq!(&got, b"bulk");
     }
 
     /// A write error while the pipe holds bytes ends the direction and
@@ -694,7 +687,7 @@ mod tests {
         let mut env = super::super::tests::env();
         env.pool = Pool::with_pipes(4096, crate::pipe::Pipes::new(1, 0));
         let poll = mio::Poll::new().unwrap();
-        let mut ctx = Ctx { registry: poll.registry(), env: &mut env, now: std::time::Instant::now(), key: 0, id: 0 };
+        let mut ctx = ctx(&poll, &mut env);
         let carry = Carry { buf: ctx.env.pool.relay(), start: 0, end: 0 };
         let mut relay = Relay::new(up, carry);
         relay.ends |= RX_BULK;
@@ -718,7 +711,7 @@ mod tests {
         let mut env = super::super::tests::env();
         env.pool = Pool::with_pipes(4096, crate::pipe::Pipes::new(1, 0));
         let poll = mio::Poll::new().unwrap();
-        let mut ctx = Ctx { registry: poll.registry(), env: &mut env, now: std::time::Instant::now(), key: 0, id: 0 };
+        let mut ctx = ctx(&poll, &mut env);
         let carry = Carry { buf: ctx.env.pool.relay(), start: 0, end: 0 };
         let mut relay = Relay::new(up, carry);
         relay.ends |= RX_BULK;

@@ -169,10 +169,15 @@ impl Associated {
         // The client's datagrams first, then the remotes': each costs one
         // unit of the budget, so a flood on one association yields.
         while budget > 0 {
-            let got = match take(&self.near, &mut scratch, &mut client.ready, Ready::UP_R) {
+            let got = match next_datagram(&self.near, &mut scratch, &mut client.ready, Ready::UP_R) {
                 Some(got) => got.map(|(n, from)| self.client_datagram(&mut scratch[..n], from, ctx)),
                 None => {
-                    match take(&self.far, &mut scratch[MAX_UDP_IP_HEADER_LEN..], &mut client.ready, Ready::REMOTE_R) {
+                    match next_datagram(
+                        &self.far,
+                        &mut scratch[MAX_UDP_IP_HEADER_LEN..],
+                        &mut client.ready,
+                        Ready::REMOTE_R,
+                    ) {
                         Some(got) => got.map(|(n, from)| {
                             self.remote_datagram(&mut scratch[..MAX_UDP_IP_HEADER_LEN + n], from, ctx)
                         }),
@@ -182,7 +187,7 @@ impl Associated {
             };
             match got {
                 Ok(relayed) => moved |= relayed,
-                Err(e) => log::debug!("#{} UDP: {e}", ctx.id),
+                Err(e) => log::debug!("#{} UDP receive: {e}", ctx.id),
             }
             budget -= 1;
         }
@@ -351,7 +356,12 @@ fn watch_control(client: &mut Client) -> Result<Flow, Close> {
 /// once it is drained (the bit cleared). An error (an ICMP error of an
 /// earlier send, where the socket reports them) concerns one call only; it
 /// is returned and costs the caller one unit of its budget.
-fn take(socket: &UdpSocket, buf: &mut [u8], ready: &mut Ready, bit: u8) -> Option<io::Result<(usize, SocketAddr)>> {
+fn next_datagram(
+    socket: &UdpSocket,
+    buf: &mut [u8],
+    ready: &mut Ready,
+    bit: u8,
+) -> Option<io::Result<(usize, SocketAddr)>> {
     if !ready.has(bit) {
         return None;
     }
@@ -392,9 +402,9 @@ mod tests {
         assert_eq!(pool.free(), (1, 0));
     }
 
-    /// An association on loopback whose far side sends to `dest`; the
-    /// client's datagrams come from `client`.
-    fn association() -> (Box<Associated>, std::net::UdpSocket, SocketAddr) {
+    /// An association on loopback, and the client's UDP socket, connected
+    /// to the association's near side.
+    fn association() -> (Box<Associated>, std::net::UdpSocket) {
         let near = UdpSocket::bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let (far, far_v6) = open_far().unwrap();
         let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -408,14 +418,20 @@ mod tests {
             pending: None,
             cache: Default::default(),
         });
-        let near = assoc.near.local_addr().unwrap();
-        (assoc, client, near)
+        (assoc, client)
     }
 
-    fn drain_count(s: &std::net::UdpSocket) -> usize {
-        s.set_nonblocking(true).unwrap();
+    /// Receives exactly `n` datagrams on `s` (waiting up to 2 s for each),
+    /// then finds no more.
+    fn receive_exactly(s: &std::net::UdpSocket, n: usize) {
         let mut buf = [0u8; 64];
-        std::iter::from_fn(|| s.recv_from(&mut buf).ok()).count()
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        for i in 0..n {
+            assert!(s.recv_from(&mut buf).is_ok(), "datagram {i} of {n} never came");
+        }
+        s.set_nonblocking(true).unwrap();
+        assert!(s.recv_from(&mut buf).is_err(), "more than {n} datagrams");
+        s.set_nonblocking(false).unwrap();
     }
 
     /// Mutation (the budget never spent, or spent past zero): a flood of
@@ -424,13 +440,14 @@ mod tests {
     /// waits. Relayed datagrams push the idle deadline back.
     #[test]
     fn a_flood_of_datagrams_yields_after_its_budget() {
-        let (assoc, client_udp, _) = association();
+        let (assoc, client_udp) = association();
         let (mut client, _control) = super::super::tests::client();
         let dest = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let to = dest.local_addr().unwrap();
         let mut datagram = [0u8; 16];
         let at = encode_udp_header(to, &mut datagram);
         let flood = BUDGET as usize + 36;
+        // Loopback queues a datagram at its receiver within the send.
         for _ in 0..flood {
             client_udp.send(&datagram[..at + 4]).unwrap();
         }
@@ -445,14 +462,14 @@ mod tests {
         client.ready.set(Ready::UP_R);
         let (state, flow) = assoc.step(&mut client, &mut ctx);
         assert_eq!(flow, Flow::Again, "a full budget yields");
-        assert_eq!(drain_count(&dest), BUDGET as usize, "one turn relays its budget");
+        receive_exactly(&dest, BUDGET as usize);
         assert!(client.ready.has(Ready::UP_R), "the rest is still queued");
         let deadline = ctx.env.timers.next_deadline().unwrap();
         assert!(deadline >= later + idle - Duration::from_millis(1), "relaying pushed the idle deadline back");
         let State::Associated(assoc) = state else { panic!("the association goes on") };
         let (_, flow) = assoc.step(&mut client, &mut ctx);
         assert_eq!(flow, Flow::Wait, "drained: the session waits");
-        assert_eq!(drain_count(&dest), flood - BUDGET as usize, "the next turn relays the rest");
+        receive_exactly(&dest, flood - BUDGET as usize);
         assert!(!client.ready.has(Ready::UP_R), "a drained socket's readiness is cleared");
     }
 
@@ -460,11 +477,11 @@ mod tests {
     /// bits and waits (it must neither spin nor yield).
     #[test]
     fn nothing_queued_clears_readiness_and_waits() {
-        let (assoc, _client_udp, _) = association();
+        let (assoc, _client_udp) = association();
         let (mut client, _control) = super::super::tests::client();
         let mut env = super::super::tests::env();
         let poll = mio::Poll::new().unwrap();
-        let mut ctx = Ctx { registry: poll.registry(), env: &mut env, now: Instant::now(), key: 0, id: 0 };
+        let mut ctx = super::super::tests::ctx(&poll, &mut env);
         client.ready.set(Ready::UP_R | Ready::REMOTE_R);
         let (_, flow) = assoc.step(&mut client, &mut ctx);
         assert_eq!(flow, Flow::Wait);
@@ -474,7 +491,7 @@ mod tests {
     /// A remembered name is used until, not at, its expiry.
     #[test]
     fn a_cached_name_expires_at_its_deadline() {
-        let (mut assoc, _, _) = association();
+        let (mut assoc, _) = association();
         let until = Instant::now() + CACHE_TTL;
         let ip = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1));
         assoc.cache[0] = Some(Cached { name: "a.test".into(), ip, until });
