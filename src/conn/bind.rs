@@ -296,6 +296,10 @@ mod tests {
     /// its EOF.
     #[test]
     fn client_bytes_are_held_until_the_buffer_overflows() {
+        super::super::tests::within_5s(client_bytes_are_held_until_the_buffer_overflows_body);
+    }
+
+    fn client_bytes_are_held_until_the_buffer_overflows_body() {
         use std::io::Write;
         let mut pool = Pool::new(4096);
         let mut b = binding(None, &mut pool);
@@ -336,6 +340,10 @@ mod tests {
     /// have written already).
     #[test]
     fn an_admitted_peer_gets_the_second_reply_and_the_relay() {
+        super::super::tests::within_5s(an_admitted_peer_gets_the_second_reply_and_the_relay_body);
+    }
+
+    fn an_admitted_peer_gets_the_second_reply_and_the_relay_body() {
         use std::io::Read;
         let mut env = super::super::tests::env();
         let poll = mio::Poll::new().unwrap();
