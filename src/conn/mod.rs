@@ -932,16 +932,16 @@ pub(crate) mod tests {
     }
 
     /// Waits (bounded: 5 s) until `ours` has `n` bytes queued to read, or
-    /// its EOF or an error: what a peer wrote has arrived.
+    /// (`n` 0) its EOF or a reset: what a peer sent has arrived. Nothing is
+    /// taken, not even a reset's error (reported once, to the first read).
     pub(crate) fn arrived(ours: &TcpStream, n: usize) {
+        use std::os::fd::AsRawFd;
+        let mut fd = libc::pollfd { fd: ours.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: poll(2) on one valid pollfd, for a descriptor we hold.
+        assert_eq!(unsafe { libc::poll(&mut fd, 1, 5000) }, 1, "nothing arrived in 5 s");
         let end = Instant::now() + std::time::Duration::from_secs(5);
-        let mut buf = vec![0u8; n.max(1)];
-        loop {
-            match ours.peek(&mut buf) {
-                Ok(k) if k >= n || k == 0 => return,
-                Err(e) if e.kind() != io::ErrorKind::WouldBlock => return,
-                _ => {}
-            }
+        let mut buf = vec![0u8; n];
+        while n > 0 && !matches!(ours.peek(&mut buf), Ok(k) if k >= n) {
             assert!(Instant::now() < end, "{n} bytes never arrived");
             std::thread::sleep(std::time::Duration::from_millis(1));
         }

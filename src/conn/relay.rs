@@ -604,45 +604,112 @@ mod tests {
         (Relay::new(up, carry), client, client_peer, up_peer)
     }
 
+    /// A relay for `copying`, or for splicing when `bulk` (both directions
+    /// carry bulk, with pipes to take).
+    fn relay_for(bulk: bool) -> (super::super::Env, Relay, TcpStream, std::net::TcpStream, std::net::TcpStream) {
+        let mut env = super::super::tests::env();
+        if bulk {
+            env.pool = Pool::with_pipes(4096, crate::pipe::Pipes::new(2, 0));
+        }
+        let (mut relay, client, client_peer, up_peer) = copying(&mut env);
+        if bulk {
+            relay.ends |= TX_BULK | RX_BULK;
+            // No carried bytes: the first pass splices.
+            if let Some(carry) = relay.tx.buf.take() {
+                env.pool.put(carry);
+            }
+        }
+        (env, relay, client, client_peer, up_peer)
+    }
+
     /// Mutation (a read whatever the readiness): a direction reads only
-    /// when its source is known readable (edge-triggered: it is told).
+    /// when its source is known readable (edge-triggered: it is told),
+    /// copying or splicing.
     #[test]
     fn a_direction_reads_only_when_told_its_source_is_readable() {
-        let mut env = super::super::tests::env();
-        let (mut relay, mut client, mut client_peer, up_peer) = copying(&mut env);
-        client_peer.write_all(b"queued").unwrap();
-        arrived(&client, 6);
-        let poll = mio::Poll::new().unwrap();
-        let mut ctx = ctx(&poll, &mut env);
-        let mut ready = Ready::default();
-        ready.set(Ready::CLIENT_W | Ready::UP_W);
-        assert_eq!(relay.pump(&mut client, &mut ready, 0, &mut ctx), Pumped::Wait);
-        up_peer.set_nonblocking(true).unwrap();
-        let mut buf = [0u8; 16];
-        assert!(std::io::Read::read(&mut &up_peer, &mut buf).is_err(), "nothing was read, nothing sent");
-        ready.set(Ready::CLIENT_R);
-        relay.pump(&mut client, &mut ready, 0, &mut ctx);
-        up_peer.set_nonblocking(false).unwrap();
-        up_peer.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
-        assert_eq!(std::io::Read::read(&mut &up_peer, &mut buf).unwrap(), 6, "told, it reads");
+        for bulk in [false, cfg!(target_os = "linux")] {
+            let (mut env, mut relay, mut client, mut client_peer, up_peer) = relay_for(bulk);
+            client_peer.write_all(b"queued").unwrap();
+            arrived(&client, 6);
+            let poll = mio::Poll::new().unwrap();
+            let mut ctx = ctx(&poll, &mut env);
+            let mut ready = Ready::default();
+            ready.set(Ready::CLIENT_W | Ready::UP_W);
+            assert_eq!(relay.pump(&mut client, &mut ready, 0, &mut ctx), Pumped::Wait);
+            up_peer.set_nonblocking(true).unwrap();
+            let mut buf = [0u8; 16];
+            assert!(std::io::Read::read(&mut &up_peer, &mut buf).is_err(), "bulk {bulk}: nothing read, nothing sent");
+            ready.set(Ready::CLIENT_R);
+            relay.pump(&mut client, &mut ready, 0, &mut ctx);
+            up_peer.set_nonblocking(false).unwrap();
+            assert_eq!(std::io::Read::read(&mut &up_peer, &mut buf).unwrap(), 6, "bulk {bulk}: told, it reads");
+            relay.recycle(&mut ctx.env.pool);
+        }
     }
 
     /// Mutation (reading on after the EOF): a half-closed session waits for
     /// the other direction; it does not read its EOF again and again.
     #[test]
     fn after_the_clients_eof_the_session_waits() {
-        let mut env = super::super::tests::env();
-        let (mut relay, mut client, client_peer, _up_peer) = copying(&mut env);
-        client_peer.shutdown(Shutdown::Write).unwrap();
-        arrived(&client, 0);
-        let poll = mio::Poll::new().unwrap();
-        let mut ctx = ctx(&poll, &mut env);
-        let mut ready = Ready::default();
-        ready.set(Ready::CLIENT_R | Ready::CLIENT_W | Ready::UP_W);
-        assert_eq!(relay.pump(&mut client, &mut ready, 0, &mut ctx), Pumped::Wait);
-        assert_ne!(relay.ends & TX_SHUT, 0, "the EOF was passed on");
-        ready.set(Ready::CLIENT_R);
-        assert_eq!(relay.pump(&mut client, &mut ready, 0, &mut ctx), Pumped::Wait, "and stays passed");
+        for bulk in [false, cfg!(target_os = "linux")] {
+            let (mut env, mut relay, mut client, client_peer, _up_peer) = relay_for(bulk);
+            client_peer.shutdown(Shutdown::Write).unwrap();
+            arrived(&client, 0);
+            let poll = mio::Poll::new().unwrap();
+            let mut ctx = ctx(&poll, &mut env);
+            let mut ready = Ready::default();
+            ready.set(Ready::CLIENT_R | Ready::CLIENT_W | Ready::UP_W);
+            assert_eq!(relay.pump(&mut client, &mut ready, 0, &mut ctx), Pumped::Wait, "bulk {bulk}");
+            assert_ne!(relay.ends & TX_SHUT, 0, "bulk {bulk}: the EOF was passed on");
+            ready.set(Ready::CLIENT_R);
+            assert_eq!(relay.pump(&mut client, &mut ready, 0, &mut ctx), Pumped::Wait, "bulk {bulk}: and stays passed");
+            relay.recycle(&mut ctx.env.pool);
+        }
+    }
+
+    /// Mutation (reading on after the EOF while bytes wait): the client's
+    /// bytes and EOF read while the upstream cannot take them yet, the
+    /// session waits for it; it does not read the EOF again and again.
+    #[test]
+    fn an_eof_behind_waiting_bytes_waits() {
+        for bulk in [false, cfg!(target_os = "linux")] {
+            let (mut env, mut relay, mut client, mut client_peer, _up_peer) = relay_for(bulk);
+            client_peer.write_all(b"waiting").unwrap();
+            client_peer.shutdown(Shutdown::Write).unwrap();
+            arrived(&client, 7);
+            let poll = mio::Poll::new().unwrap();
+            let mut ctx = ctx(&poll, &mut env);
+            let mut ready = Ready::default();
+            // As the event says: readable, with the FIN queued (hang-up).
+            ready.set(Ready::CLIENT_R | (Ready::CLIENT_R << 4) | Ready::CLIENT_W);
+            assert_eq!(relay.pump(&mut client, &mut ready, 0, &mut ctx), Pumped::Wait, "bulk {bulk}");
+            assert_ne!(relay.ends & TX_EOF, 0, "bulk {bulk}: the EOF was read");
+            assert_eq!(relay.tx.end, 7, "bulk {bulk}: the bytes wait");
+            relay.recycle(&mut ctx.env.pool);
+        }
+    }
+
+    /// Mutation (a read error's marks lost): a client that resets ends the
+    /// session at once, as gone, copying or splicing: the reset socket
+    /// takes nothing either, so the session does not wait for the upstream.
+    #[test]
+    fn a_client_reset_ends_the_session_at_once() {
+        for bulk in [false, cfg!(target_os = "linux")] {
+            let (mut env, mut relay, mut client, client_peer, _up_peer) = relay_for(bulk);
+            socket2::SockRef::from(&client_peer).set_linger(Some(std::time::Duration::ZERO)).unwrap();
+            drop(client_peer);
+            arrived(&client, 0);
+            let poll = mio::Poll::new().unwrap();
+            let mut ctx = ctx(&poll, &mut env);
+            let mut ready = Ready::default();
+            ready.set(Ready::CLIENT_R | Ready::CLIENT_W | Ready::UP_W);
+            assert_eq!(
+                relay.pump(&mut client, &mut ready, 0, &mut ctx),
+                Pumped::Close(Close::ClientGone),
+                "bulk {bulk}"
+            );
+            relay.recycle(&mut ctx.env.pool);
+        }
     }
 
     /// Mutation (a pipe taken whatever the source's readiness): a bulk
