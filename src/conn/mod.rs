@@ -947,6 +947,20 @@ pub(crate) mod tests {
         }
     }
 
+    /// A third descriptor (BIND's listener, UDP's sockets) fits while the
+    /// sessions' descriptors, two each plus the thirds, stay under two per
+    /// session `max_connections` allows.
+    #[test]
+    fn a_third_descriptor_fits_within_two_per_allowed_session() {
+        let mut env = env();
+        for (open, third, max, free) in
+            [(1, 0, 2, true), (1, 1, 2, true), (2, 0, 2, false), (2, 1, 2, false), (3, 0, 3, false)]
+        {
+            (env.open, env.third_fd, env.max_conns) = (open, third, max);
+            assert_eq!(env.third_fd_free(), free, "{open} open, {third} with a third, max {max}");
+        }
+    }
+
     /// Regression: an answer that found its session in any state but
     /// Resolving replaced that state with nothing, destroying a live
     /// session. It must leave the session exactly as it was.
