@@ -275,8 +275,8 @@ mod tests {
     #[test]
     fn start_expects_the_named_peer_only() {
         let mut env = super::super::tests::env();
-        let poll = mio::Poll::new().unwrap();
         for (dst, expect) in [("127.0.0.2:0", Some(IpAddr::from([127, 0, 0, 2]))), ("0.0.0.0:0", None)] {
+            let mut poll = mio::Poll::new().unwrap();
             let (mut client, mut theirs) = super::super::tests::client();
             let mut ctx = super::super::tests::ctx(&poll, &mut env);
             let carry = Carry { buf: ctx.env.pool.handshake(), start: 0, end: 0 };
@@ -287,7 +287,15 @@ mod tests {
             let mut reply = [0u8; 10];
             std::io::Read::read_exact(&mut theirs, &mut reply).unwrap();
             assert_eq!(reply[..4], [5, 0, 0, 1], "{dst}: the first reply grants");
-            b.recycle(&mut ctx.env.pool);
+            // The listener is registered as this session's: a peer
+            // connecting raises its event.
+            let port = u16::from_be_bytes([reply[8], reply[9]]);
+            let _peer = std::net::TcpStream::connect((b.listener.local_addr().unwrap().ip(), port)).unwrap();
+            let mut events = mio::Events::with_capacity(4);
+            poll.poll(&mut events, Some(std::time::Duration::from_secs(5))).unwrap();
+            let want = crate::token::session(0, 0, Role::BindListener);
+            assert!(events.iter().any(|e| e.token() == want), "{dst}: no event for the listener");
+            b.recycle(&mut env.pool);
         }
     }
 

@@ -947,6 +947,42 @@ pub(crate) mod tests {
         }
     }
 
+    /// Mutation (a state's `recycle` made a no-op): a closed session gives
+    /// its buffers back to the pool, in the handshake and when relaying.
+    #[test]
+    fn a_closed_session_gives_its_buffers_back() {
+        let mut env = env();
+        let (ours, _theirs) = pair();
+        let conn = Conn::new(1, ours, false, false, &mut env.pool);
+        assert_eq!(env.pool.free(), (0, 0));
+        conn.recycle(&mut env);
+        assert_eq!(env.pool.free(), (0, 1), "the handshake buffer");
+        let (up, _peer) = pair();
+        let carry = Carry { buf: env.pool.relay(), start: 0, end: 1 };
+        State::Relaying(Relay::new(up, carry)).recycle(&mut env.pool);
+        assert_eq!(env.pool.free().0, 1, "the relay buffer");
+    }
+
+    /// A port range is searched past ports in use, from a cursor that moves
+    /// on; any other error ends the search at once.
+    #[test]
+    fn in_range_skips_ports_in_use_only() {
+        let mut cursor = 0;
+        let taken = |port: u16| if port < 1002 { Err(io::Error::from(io::ErrorKind::AddrInUse)) } else { Ok(port) };
+        assert_eq!(in_range(Some((1000, 1003)), &mut cursor, taken).unwrap(), 1002);
+        assert_eq!(cursor, 3, "the next search starts after the port found");
+        let mut tries = 0;
+        let denied = |_| -> io::Result<u16> {
+            tries += 1;
+            Err(io::Error::from(io::ErrorKind::PermissionDenied))
+        };
+        let e = in_range(Some((1000, 1003)), &mut cursor, denied).unwrap_err();
+        assert_eq!((e.kind(), tries), (io::ErrorKind::PermissionDenied, 1));
+        let all_taken = |_| -> io::Result<u16> { Err(io::Error::from(io::ErrorKind::AddrInUse)) };
+        assert_eq!(in_range(Some((1000, 1003)), &mut cursor, all_taken).unwrap_err().kind(), io::ErrorKind::AddrInUse);
+        assert_eq!(in_range(None, &mut cursor, Ok).unwrap(), 0, "no range: the system's pick");
+    }
+
     /// A third descriptor (BIND's listener, UDP's sockets) fits while the
     /// sessions' descriptors, two each plus the thirds, stay under two per
     /// session `max_connections` allows.
