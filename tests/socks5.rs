@@ -416,31 +416,6 @@ fn at_max_connections_new_clients_wait_then_get_served() {
     echo_roundtrip(&mut b, b"b unaffected");
 }
 
-/// Resuming after the limit looks at every listener: a client queued on
-/// the second one is served once a slot frees (a paused listener gets no
-/// new edge for the connections already queued).
-#[test]
-fn at_max_connections_every_listener_resumes() {
-    let proxy = Proxy::with(|c| {
-        c.max_connections = Some(1);
-        c.listen.push("127.0.0.2:0".parse().unwrap());
-    });
-    let echo = echo_server("127.0.0.1:0");
-    let a = open(proxy.addrs[0], echo);
-    let mut c = connect(proxy.addrs[1]);
-    c.write_all(&[5, 1, 0]).unwrap();
-    c.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
-    let mut m = [0u8; 2];
-    assert!(c.read(&mut m).is_err(), "the second listener's client must wait");
-    drop(a);
-    c.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-    c.read_exact(&mut m).unwrap();
-    assert_eq!(m, [5, 0]);
-    c.write_all(&connect_request(echo)).unwrap();
-    assert_eq!(read_reply(&mut c).unwrap().0, 0);
-    echo_roundtrip(&mut c, b"served on the second listener");
-}
-
 #[test]
 fn shutdown_lets_open_sessions_finish_and_refuses_new_ones() {
     let proxy = Proxy::with(|c| c.shutdown_grace = Duration::from_secs(5));

@@ -244,34 +244,6 @@ fn bnd_is_the_control_connections_local_address() {
     round_trip(&client_socket("127.0.0.1:0"), relay, echo, b"via 127.0.0.2");
 }
 
-/// `--udp-bind-addr` names the relay's address, and BND says it; an
-/// unspecified one listens everywhere but advertises the address the
-/// control connection reached (never 0.0.0.0, where clients would send).
-#[test]
-fn udp_bind_addr_is_advertised_unless_unspecified() {
-    for (bind, shown) in [("127.0.0.2", "127.0.0.2"), ("0.0.0.0", "127.0.0.1")] {
-        let proxy = Proxy::with(|c| c.udp_bind_addr = Some(bind.parse().unwrap()));
-        let (_control, relay) = associate(proxy.addr, any4());
-        assert_eq!(relay.ip().to_string(), shown, "--udp-bind-addr {bind}");
-        let (echo, _) = udp_echo("127.0.0.1:0");
-        round_trip(&client_socket("127.0.0.1:0"), relay, echo, bind.as_bytes());
-    }
-}
-
-/// `ip+port` with DST.PORT 0 (the client does not know its port yet): the
-/// first datagram pins the client, as under `ip`.
-#[test]
-fn policy_ip_port_with_port_0_pins_the_first_datagram() {
-    let proxy = Proxy::with(|c| c.udp_client_match = UdpMatch::IpPort);
-    let (echo, count) = udp_echo("127.0.0.1:0");
-    let (_control, relay) = associate(proxy.addr, any4());
-    let s = client_socket("127.0.0.1:0");
-    round_trip(&s, relay, echo, b"first");
-    client_socket("127.0.0.1:0").send_to(&wrap(echo, b"other port"), relay).unwrap();
-    round_trip(&s, relay, echo, b"pinned");
-    assert_eq!(count.load(Ordering::SeqCst), 2);
-}
-
 #[test]
 fn closing_the_control_connection_ends_the_association() {
     let proxy = Proxy::start();

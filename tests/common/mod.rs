@@ -16,8 +16,6 @@ pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct Proxy {
     pub addr: SocketAddr,
-    /// Every listener's address (`addr` is the first).
-    pub addrs: Vec<SocketAddr>,
     pub handle: Handle,
     thread: Option<JoinHandle<io::Result<()>>>,
 }
@@ -35,11 +33,10 @@ impl Proxy {
         };
         f(&mut config);
         let server = Server::bind(config).expect("bind");
-        let addrs = server.local_addrs().to_vec();
-        let addr = addrs[0];
+        let addr = server.local_addrs()[0];
         let handle = server.handle();
         let thread = Some(std::thread::spawn(move || server.run()));
-        Proxy { addr, addrs, handle, thread }
+        Proxy { addr, handle, thread }
     }
 
     /// Waits (bounded) until the server holds `n` sessions.
