@@ -689,6 +689,23 @@ mod tests {
         }
     }
 
+    /// Mutation (a splice out of an empty pipe): a readiness that turns out
+    /// spurious (nothing to read) leaves a splicing direction as it was:
+    /// not dead, its destination still writable.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_spurious_readiness_changes_nothing() {
+        let (mut env, mut relay, mut client, _client_peer, _up_peer) = relay_for(true);
+        let poll = mio::Poll::new().unwrap();
+        let mut ctx = ctx(&poll, &mut env);
+        let mut ready = Ready::default();
+        ready.set(Ready::CLIENT_R | Ready::CLIENT_W | Ready::UP_W);
+        assert_eq!(relay.pump(&mut client, &mut ready, 0, &mut ctx), Pumped::Wait);
+        assert_eq!(relay.ends & (TX_DEAD | TX_EOF), 0, "the direction goes on");
+        assert!(ready.has(Ready::UP_W) && !ready.has(Ready::CLIENT_R));
+        assert_eq!(relay.pipes, [None, None]);
+    }
+
     /// Mutation (a read error's marks lost): a client that resets ends the
     /// session at once, as gone, copying or splicing: the reset socket
     /// takes nothing either, so the session does not wait for the upstream.
