@@ -199,7 +199,7 @@ fn udp_round_trip(s: &UdpSocket, relay: SocketAddr, to: SocketAddr, data: &[u8])
 
 fn udp_client() -> UdpSocket {
     let s = UdpSocket::bind("127.0.0.1:0").unwrap();
-    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    s.set_read_timeout(Some(DATAGRAM_TIMEOUT)).unwrap();
     s
 }
 

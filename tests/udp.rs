@@ -12,10 +12,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-/// How long a test waits for a datagram: shorter than IO_TIMEOUT, so a bug
-/// that loses them all fails each test in 2 s instead of hanging the suite.
-const DATAGRAM_TIMEOUT: Duration = Duration::from_secs(2);
-
 /// A UDP echo server counting the datagrams it gets.
 fn udp_echo(addr: &str) -> (SocketAddr, Arc<AtomicUsize>) {
     let s = UdpSocket::bind(addr).unwrap();

@@ -13,6 +13,10 @@ use std::time::{Duration, Instant};
 
 /// Longest any single read in a test may block: a hang fails the test.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a test waits for a datagram: shorter than IO_TIMEOUT, so a bug
+/// that loses them all fails each test in 2 s instead of hanging the suite
+/// (and a mutation run's time limit).
+pub const DATAGRAM_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub struct Proxy {
     pub addr: SocketAddr,
