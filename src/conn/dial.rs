@@ -514,4 +514,29 @@ mod tests {
         assert!(matches!(state, State::Connecting(_)), "still connecting");
         assert!(!client.ready.has(Ready::UP_W), "waiting for the next writable event");
     }
+
+    /// The stagger is armed again only while addresses are left to race:
+    /// with the list used up, no timer wakes the session for nothing.
+    #[test]
+    fn the_stagger_is_armed_only_while_addresses_are_left() {
+        let mut env = env();
+        let mut durations = [None; crate::timer::KINDS];
+        durations[Kind::Idle as usize] = Some(STAGGER);
+        env.stagger = crate::timer::Timers::new(Instant::now(), durations);
+        let poll = mio::Poll::new().unwrap();
+        // A listener that accepts nothing: the racing connect is only opened.
+        let target = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let to = target.local_addr().unwrap();
+        for (left, armed) in [(vec![], false), (vec![to], false), (vec![to, to], true)] {
+            let (up, _peer) = crate::conn::tests::pair();
+            let mut ctx = crate::conn::tests::ctx(&poll, &mut env);
+            let connecting =
+                Connecting { up, racer: None, addrs: Addrs::List(left.clone()), carry: carry(&mut ctx.env.pool) };
+            let (state, _) = connecting.stagger(&mut ctx);
+            assert_eq!(ctx.env.stagger.next_deadline().is_some(), armed, "{} addresses left before", left.len());
+            ctx.env.stagger.cancel(0);
+            state.recycle(&mut ctx.env.pool);
+        }
+        assert!(Addrs::One(None).is_empty() && !Addrs::One(Some(to)).is_empty());
+    }
 }
