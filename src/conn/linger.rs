@@ -41,12 +41,11 @@ impl Lingering {
             if !client.ready.has(Ready::CLIENT_R) {
                 return (State::Lingering(self), Flow::Wait);
             }
+            // Read until `WouldBlock`: no short-read shortcut on this path
+            // (a client that still sends after its answer is rare).
             let want = sink.len().min(self.left as usize);
             match read(&mut client.stream, &mut sink[..want]) {
                 Io::Done(n) => {
-                    if n < want {
-                        client.ready.short_read(Ready::CLIENT_R);
-                    }
                     self.left -= n as u32;
                     if self.left == 0 {
                         let why = self.why;
