@@ -8,26 +8,8 @@ use common::*;
 use slabsocks::UdpMatch;
 use slabsocks::users::Users;
 use slabsocks::{Config, Server};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpStream, UdpSocket};
-
-/// Sends an HTTP CONNECT head for `target` with `extra` header lines;
-/// returns the stream and the response's status code.
-fn http_connect(proxy: SocketAddr, target: SocketAddr, extra: &str) -> (TcpStream, u16) {
-    let mut s = connect(proxy);
-    s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n{extra}\r\n").as_bytes()).unwrap();
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        if s.read(&mut b).expect("response head") == 0 {
-            break;
-        }
-        head.push(b[0]);
-    }
-    let head = String::from_utf8(head).unwrap();
-    let status = head.split(' ').nth(1).and_then(|c| c.parse().ok());
-    (s, status.unwrap_or_else(|| panic!("no status in {head:?}")))
-}
 
 /// handshake.rs `MAX_CREDENTIALS` (`255 + 1 + 255` with a `-` or a `*`):
 /// HTTP Basic credentials as long as RFC 1929 allows, a 255-byte name and
@@ -37,12 +19,12 @@ fn http_basic_credentials_of_255_and_255_bytes_log_in() {
     let (user, password) = ("u".repeat(255), "p".repeat(255));
     let proxy = Proxy::with(|c| c.users = Some(Users::from_pairs([(user.as_str(), password.as_str())])));
     let echo = echo_server("127.0.0.1:0");
-    let (mut s, status) = http_connect(proxy.addr, echo, &basic(&user, &password));
-    assert_eq!(status, 200);
+    let (mut s, head) = http_connect(proxy.addr, &echo.to_string(), &basic(&user, &password));
+    assert_eq!(status(&head), 200, "{head}");
     s.write_all(b"long login").unwrap();
     expect(&mut s, b"long login");
-    let (_, status) = http_connect(proxy.addr, echo, &basic(&user, &password[1..]));
-    assert_eq!(status, 407, "one byte short is another password");
+    let (_, head) = http_connect(proxy.addr, &echo.to_string(), &basic(&user, &password[1..]));
+    assert_eq!(status(&head), 407, "one byte short is another password");
 }
 
 /// handshake.rs `greeting`, the `Method::NoAcceptable` arm deleted: after

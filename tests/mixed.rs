@@ -153,31 +153,6 @@ fn disable_socks4_closes_without_an_answer() {
 
 // ------------------------------------------------------------ HTTP CONNECT
 
-/// Sends a CONNECT head for `target` with `extra` header lines; returns the
-/// stream and the response head (up to its blank line).
-fn http_connect(proxy: SocketAddr, target: &str, extra: &str) -> (TcpStream, String) {
-    let mut s = connect(proxy);
-    s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n{extra}\r\n").as_bytes()).unwrap();
-    let head = read_head(&mut s);
-    (s, head)
-}
-
-fn read_head(s: &mut TcpStream) -> String {
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        if s.read(&mut b).expect("response head") == 0 {
-            break;
-        }
-        head.push(b[0]);
-    }
-    String::from_utf8(head).unwrap()
-}
-
-fn status(head: &str) -> u16 {
-    head.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or_else(|| panic!("no status in {head:?}"))
-}
-
 #[test]
 fn http_connect_tunnels_and_forwards_pipelined_bytes() {
     let proxy = Proxy::start();

@@ -640,3 +640,30 @@ pub fn sockets_of(pid: u32) -> Option<Vec<socket2::Socket>> {
     unsafe { libc::close(pidfd) };
     Some(out)
 }
+
+/// HTTP CONNECT: sends a head for `target` with `extra` header lines;
+/// returns the stream and the response head (up to its blank line).
+pub fn http_connect(proxy: SocketAddr, target: &str, extra: &str) -> (TcpStream, String) {
+    let mut s = connect(proxy);
+    s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n{extra}\r\n").as_bytes()).unwrap();
+    let head = read_head(&mut s);
+    (s, head)
+}
+
+/// Reads an HTTP response head, up to its blank line (or the EOF).
+pub fn read_head(s: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if s.read(&mut b).expect("response head") == 0 {
+            break;
+        }
+        head.push(b[0]);
+    }
+    String::from_utf8(head).unwrap()
+}
+
+/// The status code of a response head.
+pub fn status(head: &str) -> u16 {
+    head.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or_else(|| panic!("no status in {head:?}"))
+}
