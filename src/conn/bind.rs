@@ -355,9 +355,7 @@ mod tests {
         use std::io::Read;
         let mut env = super::super::tests::env();
         let poll = mio::Poll::new().unwrap();
-        let mut b = binding(None, &mut env.pool);
-        b.carry.buf[..4].copy_from_slice(b"held");
-        b.carry.end = 4;
+        let b = binding(None, &mut env.pool);
         let (mut client, mut theirs) = super::super::tests::client();
         let peer = std::net::TcpStream::connect(b.listener.local_addr().unwrap()).unwrap();
         let mut ctx = super::super::tests::ctx(&poll, &mut env);

@@ -762,19 +762,13 @@ mod tests {
     #[cfg(target_os = "linux")]
     #[test]
     fn a_dead_destination_closes_the_pipe() {
-        let (mut client, client_peer) = pair();
-        let (up, mut up_peer) = pair();
+        let (mut env, mut relay, mut client, client_peer, mut up_peer) = relay_for(true);
         socket2::SockRef::from(&client_peer).set_linger(Some(std::time::Duration::ZERO)).unwrap();
         drop(client_peer);
         up_peer.write_all(&[9u8; 64 * 1024]).unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(50));
-        let mut env = super::super::tests::env();
-        env.pool = Pool::with_pipes(4096, crate::pipe::Pipes::new(1, 0));
+        arrived(&relay.up, 1);
         let poll = mio::Poll::new().unwrap();
         let mut ctx = ctx(&poll, &mut env);
-        let carry = Carry { buf: ctx.env.pool.relay(), start: 0, end: 0 };
-        let mut relay = Relay::new(up, carry);
-        relay.ends |= RX_BULK;
         let mut ready = Ready::default();
         ready.set(Ready::UP_R | Ready::CLIENT_W);
         relay.pump(&mut client, &mut ready, 0, &mut ctx);
@@ -787,18 +781,12 @@ mod tests {
     #[cfg(target_os = "linux")]
     #[test]
     fn a_reset_read_through_a_pipe_ends_both_ways_on_that_socket() {
-        let (mut client, _client_peer) = pair();
-        let (up, up_peer) = pair();
+        let (mut env, mut relay, mut client, _client_peer, up_peer) = relay_for(true);
         socket2::SockRef::from(&up_peer).set_linger(Some(std::time::Duration::ZERO)).unwrap();
         drop(up_peer);
-        std::thread::sleep(std::time::Duration::from_millis(50));
-        let mut env = super::super::tests::env();
-        env.pool = Pool::with_pipes(4096, crate::pipe::Pipes::new(1, 0));
+        arrived(&relay.up, 0);
         let poll = mio::Poll::new().unwrap();
         let mut ctx = ctx(&poll, &mut env);
-        let carry = Carry { buf: ctx.env.pool.relay(), start: 0, end: 0 };
-        let mut relay = Relay::new(up, carry);
-        relay.ends |= RX_BULK;
         let mut ready = Ready::default();
         ready.set(Ready::UP_R);
         relay.pump(&mut client, &mut ready, 0, &mut ctx);
