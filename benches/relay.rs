@@ -21,8 +21,10 @@
 //! SLABSOCKS_BENCH_QUICK (1: one round of smaller runs, about a minute),
 //! SLABSOCKS_BENCH_STREAMS (1: concurrent throughput streams),
 //! SLABSOCKS_BENCH_PIN (1: proxies on CPU 1, load on CPU 0; 0: unpinned),
+//! SLABSOCKS_BENCH_PROXY_CPU (1: the CPU proxies are pinned to),
 //! SLABSOCKS_BENCH_JSON (target/bench-relay.json: the raw results),
-//! SLABSOCKS_BENCH_HISTOGRAM (1: print each latency run's histogram).
+//! SLABSOCKS_BENCH_HISTOGRAM (1: print each latency run's histogram),
+//! SLABSOCKS_BENCH_RATE_MS (1500, quick 500: each session-rate run).
 //!
 //! `instructions`: the proxy under callgrind (valgrind), instructions per
 //! MiB relayed and per session; user-space only, and the same however
@@ -99,13 +101,20 @@ fn pinning() -> bool {
     env_num("SLABSOCKS_BENCH_PIN", 1) != 0
 }
 
+/// The CPU proxies are pinned to: 1, or SLABSOCKS_BENCH_PROXY_CPU (0 puts
+/// them on the load's CPU: no cross-CPU wake-ups, for the latency
+/// experiments in the README).
+fn proxy_cpu() -> usize {
+    env_num("SLABSOCKS_BENCH_PROXY_CPU", 1)
+}
+
 fn spawn_pinned(cmd: &mut Command) -> std::io::Result<Child> {
     if pinning() {
         // SAFETY: the closure only calls sched_setaffinity, which is
         // async-signal-safe, between fork and exec.
         unsafe {
             cmd.pre_exec(|| {
-                pin(1);
+                pin(proxy_cpu());
                 Ok(())
             });
         }
@@ -447,37 +456,58 @@ fn throughput(via: Option<SocketAddr>, sink: SocketAddr, bytes: usize) -> f64 {
 
 const RATE_CLIENTS: usize = 8;
 
+/// What a session-rate run measured.
+struct Rate {
+    per_s: f64,
+    errors: u64,
+    /// Each session's time, from the connect to the echo's last byte: p50
+    /// and p99 in microseconds.
+    p50_us: f64,
+    p99_us: f64,
+}
+
 /// Sessions per second: RATE_CLIENTS clients each connect, handshake, echo
-/// 64 bytes and close, for `secs`.
-fn session_rate(via: Option<SocketAddr>, echo64: SocketAddr, secs: f64) -> (f64, u64) {
+/// 64 bytes and close, for `secs`; and how long each session took.
+fn session_rate(via: Option<SocketAddr>, echo64: SocketAddr, secs: f64) -> Rate {
     let stop = Arc::new(AtomicBool::new(false));
-    let (done, errors) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let errors = Arc::new(AtomicU64::new(0));
     let t0 = Instant::now();
     let threads: Vec<_> = (0..RATE_CLIENTS)
         .map(|_| {
-            let (stop, done, errors) = (Arc::clone(&stop), Arc::clone(&done), Arc::clone(&errors));
+            let (stop, errors) = (Arc::clone(&stop), Arc::clone(&errors));
             std::thread::spawn(move || {
                 let msg = [7u8; 64];
+                let mut took = Vec::with_capacity(32 * 1024);
                 while !stop.load(Ordering::Relaxed) {
+                    let start = Instant::now();
                     let ok = dial(via, echo64).and_then(|mut s| {
                         s.write_all(&msg)?;
                         let mut b = [0u8; 64];
                         s.read_exact(&mut b)
                     });
                     match ok {
-                        Ok(()) => done.fetch_add(1, Ordering::Relaxed),
-                        Err(_) => errors.fetch_add(1, Ordering::Relaxed),
-                    };
+                        Ok(()) => took.push(start.elapsed().as_secs_f64() * 1e6),
+                        Err(_) => {
+                            errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
                 }
+                took
             })
         })
         .collect();
     std::thread::sleep(Duration::from_secs_f64(secs));
     stop.store(true, Ordering::Relaxed);
-    for t in threads {
-        let _ = t.join();
+    let mut took: Vec<f64> = threads.into_iter().flat_map(|t| t.join().unwrap_or_default()).collect();
+    let elapsed = t0.elapsed().as_secs_f64();
+    took.sort_by(f64::total_cmp);
+    let at = |q: f64| took.get(((took.len() as f64 * q) as usize).min(took.len().saturating_sub(1))).copied();
+    Rate {
+        per_s: took.len() as f64 / elapsed,
+        errors: errors.load(Ordering::Relaxed),
+        p50_us: at(0.5).unwrap_or(f64::NAN),
+        p99_us: at(0.99).unwrap_or(f64::NAN),
     }
-    (done.load(Ordering::Relaxed) as f64 / t0.elapsed().as_secs_f64(), errors.load(Ordering::Relaxed))
 }
 
 /// 1-byte round trips: (p50, p99) in microseconds.
@@ -1051,7 +1081,17 @@ fn machine() -> String {
         .unwrap_or_else(|| "unknown CPU".into());
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    format!("{cores} cores, {cpu}, kernel {}", kernel.trim())
+    // How an idle CPU waits decides what a wake-up costs in a VM: with the
+    // guest's halt polling off, every wake-up of an idle CPU is a VM exit.
+    let read = |p: &str| std::fs::read_to_string(p).ok().map(|s| s.trim().to_string());
+    let idle = match read("/sys/devices/system/cpu/cpuidle/current_driver") {
+        Some(d) => match read("/sys/module/haltpoll/parameters/guest_halt_poll_ns") {
+            Some(ns) => format!(", cpuidle {d} (guest_halt_poll_ns {ns})"),
+            None => format!(", cpuidle {d}"),
+        },
+        None => String::new(),
+    };
+    format!("{cores} cores, {cpu}, kernel {}{idle}", kernel.trim())
 }
 
 const UDP_SIZES: [usize; 2] = [64, 1400];
@@ -1201,7 +1241,7 @@ fn main() {
     let rounds = env_num("SLABSOCKS_BENCH_ROUNDS", if quick { 1 } else { 3 });
     let mib = env_num("SLABSOCKS_BENCH_MB", if quick { 64 } else { 256 });
     let idle = env_num("SLABSOCKS_BENCH_IDLE", if quick { 1000 } else { 3000 });
-    let rate_secs = if quick { 0.5 } else { 1.5 };
+    let rate_secs = env_num("SLABSOCKS_BENCH_RATE_MS", if quick { 500 } else { 1500 }) as f64 / 1e3;
     let only = std::env::var("SLABSOCKS_BENCH_ONLY").ok();
     let scenarios = std::env::var("SLABSOCKS_BENCH_SCENARIOS")
         .unwrap_or_else(|_| "relay,burst,memory,syscalls,instructions,udp".into());
@@ -1211,7 +1251,10 @@ fn main() {
     println!("machine: {machine_line}");
     if pinning() {
         pin(0);
-        println!("load generator and servers on CPU 0, each proxy on CPU 1; {rounds} rounds, order rotated");
+        println!(
+            "load generator and servers on CPU 0, each proxy on CPU {}; {rounds} rounds, order rotated",
+            proxy_cpu()
+        );
     } else {
         println!("nothing pinned; {rounds} rounds, order rotated");
     }
@@ -1253,6 +1296,8 @@ fn main() {
     let mut bw_down: Vec<Samples> = (0..n).map(|_| Samples::default()).collect();
     let mut tput: Vec<Samples> = (0..n).map(|_| Samples::default()).collect();
     let mut rate: Vec<Samples> = (0..n).map(|_| Samples::default()).collect();
+    let mut sess_p50: Vec<Samples> = (0..n).map(|_| Samples::default()).collect();
+    let mut sess_p99: Vec<Samples> = (0..n).map(|_| Samples::default()).collect();
     let mut p50: Vec<Samples> = (0..n).map(|_| Samples::default()).collect();
     let mut p99: Vec<Samples> = (0..n).map(|_| Samples::default()).collect();
     let mut tput_cpu: Vec<Samples> = (0..n).map(|_| Samples::default()).collect();
@@ -1269,10 +1314,12 @@ fn main() {
             bw_up[i].0.push(u);
             bw_down[i].0.push(d);
             tput_cpu[i].0.push(cores);
-            let ((r, e), cores) = with_cpu(&targets[i], || session_rate(via, echo64, rate_secs));
-            rate[i].0.push(r);
+            let (r, cores) = with_cpu(&targets[i], || session_rate(via, echo64, rate_secs));
+            rate[i].0.push(r.per_s);
+            sess_p50[i].0.push(r.p50_us);
+            sess_p99[i].0.push(r.p99_us);
             rate_cpu[i].0.push(cores);
-            errs[i] += e;
+            errs[i] += r.errors;
             let (a, b) = latency(via, echo, 5000);
             p50[i].0.push(a);
             p99[i].0.push(b);
@@ -1380,6 +1427,11 @@ fn main() {
             );
         }
         println!();
+        println!("{:<11} {:>22} {:>22}", "", "session p50 µs", "session p99 µs");
+        for (i, t) in targets.iter().enumerate() {
+            println!("{:<11} {:>22} {:>22}", t.name, sess_p50[i].show(0), sess_p99[i].show(0));
+        }
+        println!();
         println!("ratios of medians to direct (throughput and rate: higher is better; latency: lower is better)");
         for (i, t) in targets.iter().enumerate() {
             println!(
@@ -1404,7 +1456,7 @@ fn main() {
             .map(|(i, t)| {
                 format!(
                     "    {{\"name\": \"{}\", \"throughput_gbit\": {}, \"throughput_cores\": {}, \"both_ways_up_gbit\": {}, \"both_ways_down_gbit\": {}, \"sessions_per_s\": {}, \
-                     \"sessions_cores\": {}, \"rtt_p50_us\": {}, \"rtt_p99_us\": {}, \"idle_bytes_per_session\": {}, \
+                     \"sessions_cores\": {}, \"session_p50_us\": {}, \"session_p99_us\": {}, \"rtt_p50_us\": {}, \"rtt_p99_us\": {}, \"idle_bytes_per_session\": {}, \
                      \"syscalls_per_session\": {}, \"syscalls_per_mib\": {}, \"instructions_per_mib\": {}, \
                      \"instructions_per_session\": {}, \"failed_sessions\": {}}}",
                     t.name,
@@ -1414,6 +1466,8 @@ fn main() {
                     bw_down[i].json(),
                     rate[i].json(),
                     rate_cpu[i].json(),
+                    sess_p50[i].json(),
+                    sess_p99[i].json(),
                     p50[i].json(),
                     p99[i].json(),
                     opt_json(mem[i]),

@@ -137,6 +137,11 @@ pub struct Config {
     /// UDP associations held at once. `None`: no limit but the session
     /// limit.
     pub max_udp_associations: Option<usize>,
+    /// After a turn that handled events, keep polling without sleeping for
+    /// this long before the loop may sleep again (HAProxy's `busy-polling`,
+    /// bounded): an idle CPU in a VM is slow to wake. None: always sleep.
+    /// At most [`MAX_BUSY_POLL`].
+    pub busy_poll: Option<Duration>,
 }
 
 impl Default for Config {
@@ -181,9 +186,14 @@ impl Default for Config {
             udp_client_match: UdpMatch::Ip,
             udp_idle_timeout: Duration::from_secs(120),
             max_udp_associations: None,
+            busy_poll: None,
         }
     }
 }
+
+/// The longest busy-polling window: past it, a loop that spins is a loop
+/// that never sleeps.
+pub const MAX_BUSY_POLL: Duration = Duration::from_secs(1);
 
 /// Most workers: far beyond any core count that one process serves well.
 pub const MAX_WORKERS: usize = 256;
@@ -266,6 +276,9 @@ impl Config {
         if self.udp_idle_timeout.is_zero() {
             return err("the UDP idle timeout must be positive");
         }
+        if self.busy_poll.is_some_and(|d| d > MAX_BUSY_POLL) {
+            return Err(ConfigError(format!("busy polling is at most {MAX_BUSY_POLL:?}")));
+        }
         if self.max_udp_associations == Some(0) {
             return err("max UDP associations must be at least 1 (use udp: false to turn UDP off)");
         }
@@ -324,7 +337,12 @@ mod tests {
     #[test]
     fn default_is_valid_and_bad_values_are_named() {
         assert_eq!(Config::default().validate(), Ok(()));
-        let longest = Config { idle_timeout: Some(MAX_DURATION), shutdown_grace: MAX_DURATION, ..Config::default() };
+        let longest = Config {
+            idle_timeout: Some(MAX_DURATION),
+            shutdown_grace: MAX_DURATION,
+            busy_poll: Some(MAX_BUSY_POLL),
+            ..Config::default()
+        };
         assert_eq!(longest.validate(), Ok(()));
         let bad = [
             Config { listen: vec![], ..Config::default() },
@@ -340,6 +358,7 @@ mod tests {
             Config { udp_ports: Some((5, 4)), ..Config::default() },
             Config { udp_idle_timeout: Duration::ZERO, ..Config::default() },
             Config { max_udp_associations: Some(0), ..Config::default() },
+            Config { busy_poll: Some(MAX_BUSY_POLL + Duration::from_micros(1)), ..Config::default() },
             Config {
                 external_addrs: vec!["192.0.2.1".parse().unwrap(), "192.0.2.2".parse().unwrap()],
                 ..Config::default()

@@ -44,6 +44,8 @@ mod token;
 pub mod users;
 mod warn;
 
-pub use config::{Config, ConfigError, MAX_BUFFER_SIZE, MAX_DURATION, MAX_WORKERS, MIN_BUFFER_SIZE, UdpMatch};
+pub use config::{
+    Config, ConfigError, MAX_BUFFER_SIZE, MAX_BUSY_POLL, MAX_DURATION, MAX_WORKERS, MIN_BUFFER_SIZE, UdpMatch,
+};
 pub use resolver::Lookup;
 pub use server::{Handle, Server};

@@ -331,7 +331,7 @@ fn log_start(c: &Config, addrs: &[SocketAddr], backlog: Option<u32>, workers: &[
     info!(
         "listening on {:?}; {} worker{}, backlog {}, max connections {}, buffer {} B, splice {}, handshake timeout {:?}, \
          connect timeout {:?}, idle timeout {}, resolver threads up to {}{}; login {}; rules: {} client, {} exempt, \
-         {} allow-dest, {} deny-dest{}",
+         {} allow-dest, {} deny-dest{}{}",
         addrs,
         workers.len(),
         if workers.len() == 1 { "" } else { "s" },
@@ -354,6 +354,7 @@ fn log_start(c: &Config, addrs: &[SocketAddr], backlog: Option<u32>, workers: &[
         r.allow_dest.len(),
         r.deny_dest.len(),
         if r.deny_private_dest { ", private destinations denied" } else { "" },
+        c.busy_poll.map_or(String::new(), |d| format!("; busy polling {d:?}")),
     );
 }
 
@@ -432,6 +433,7 @@ impl Worker {
             listeners_deferred: 0,
             stop_deadline: None,
             next_trim: now + TRIM_PERIOD,
+            spin_until: now,
             now,
         };
         lp.run()
@@ -464,6 +466,8 @@ struct Loop {
     listeners_deferred: u64,
     stop_deadline: Option<Instant>,
     next_trim: Instant,
+    /// Busy polling: until then, poll without sleeping.
+    spin_until: Instant,
     now: Instant,
 }
 
@@ -478,6 +482,11 @@ impl Loop {
                 }
             }
             self.now = Instant::now();
+            if let Some(window) = self.config.busy_poll
+                && !events.is_empty()
+            {
+                self.spin_until = self.now + window;
+            }
             for ev in events.iter() {
                 match token::owner(ev.token()) {
                     Some(Owner::Waker) => self.on_wake(),
@@ -512,7 +521,7 @@ impl Loop {
     }
 
     fn poll_timeout(&self) -> Option<Duration> {
-        if !self.again.is_empty() {
+        if !self.again.is_empty() || self.now < self.spin_until {
             return Some(Duration::ZERO);
         }
         let metrics = self.metrics.as_ref().and_then(Metrics::deadline);

@@ -15,7 +15,7 @@ fn run_to_end(args: &[&str]) -> (i32, String) {
 
 #[test]
 fn bad_values_give_one_line_and_a_nonzero_exit() {
-    let cases: [&[&str]; 11] = [
+    let cases: [&[&str]; 12] = [
         &["--listen", "nonsense"],
         // Regression: these overflowed a deadline (a panic) or wrapped to "off".
         &["--shutdown-grace", "9999999999h"],
@@ -26,6 +26,7 @@ fn bad_values_give_one_line_and_a_nonzero_exit() {
         &["--buffer-size", "12"],
         &["--buffer-size", "lots"],
         &["--max-connections", "0"],
+        &["--busy-poll", "2s"],
         &["--log-level", "loud"],
         &["--no-such-flag"],
     ];
@@ -405,4 +406,33 @@ fn sessions_have_nodelay_both_ways() {
         }
     }
     assert_eq!(connected, 2, "the client's socket and the upstream's");
+}
+
+/// `--busy-poll`: after handling an event the loop keeps polling without
+/// sleeping (it uses CPU) for its window, and then sleeps again (it stops).
+#[test]
+fn busy_polling_spins_for_its_window_then_sleeps() {
+    let (mut child, addr) = spawn(&["--busy-poll", "800ms"]);
+    let pid = child.id();
+    let ticks_over = |ms: u64| {
+        let before = cpu_ticks(pid);
+        std::thread::sleep(Duration::from_millis(ms));
+        cpu_ticks(pid) - before
+    };
+    let before_any = ticks_over(300);
+    assert!(before_any < 10, "{before_any} ticks with no event yet: it spins from the start");
+    let mut s = connect(addr);
+    s.write_all(&[5, 1, 0]).unwrap();
+    std::io::Read::read_exact(&mut s, &mut [0u8; 2]).unwrap();
+    let t0 = Instant::now();
+    // At most 100 ticks a second; a loaded test machine may give the loop
+    // a share of a CPU only, hence the low bar.
+    let spinning = ticks_over(500);
+    assert!(spinning >= 10, "{spinning} ticks in the first half second of the window: it sleeps");
+    std::thread::sleep(Duration::from_millis(900).saturating_sub(t0.elapsed()));
+    let after = ticks_over(500);
+    assert!(after < 10, "{after} ticks after the window: it never stops spinning");
+    signal(&child, libc::SIGTERM);
+    drop(s);
+    assert_eq!(wait_exit(&mut child), 0);
 }
