@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Draws the benchmark's JSON (benches/relay.rs writes it) as one SVG:
-throughput, throughput per core of proxy CPU, session rate, and user-space
-memory per idle relaying session, one bar per server (medians, with the
+throughput, throughput per core of proxy CPU, session rate, session time
+and 1-byte round trip (p99), and user-space memory per idle relaying
+session, one bar per server (medians, with the
 min-max range as a whisker). Standard library only.
 
     python3 benches/chart.py target/bench-relay.json benches/results/chart.svg
@@ -15,6 +16,8 @@ PANELS = [
     ("throughput, 1 stream (Gbit/s)", lambda t: med(t["throughput_gbit"]), lambda t: rng(t["throughput_gbit"])),
     ("Gbit/s per core of proxy CPU", lambda t: per_core(t, "throughput_gbit", "throughput_cores"), None),
     ("sessions/s", lambda t: med(t["sessions_per_s"]), lambda t: rng(t["sessions_per_s"])),
+    ("session time p99, µs (lower is better)", lambda t: med(t.get("session_p99_us")), lambda t: rng(t.get("session_p99_us"))),
+    ("1-byte round trip p99, µs (lower is better)", lambda t: med(t["rtt_p99_us"]), lambda t: rng(t["rtt_p99_us"])),
     ("memory per idle session (bytes, log scale)", lambda t: t.get("idle_bytes_per_session"), None),
 ]
 
