@@ -295,10 +295,14 @@ fn sink_server() -> SocketAddr {
 
 /// Reads an 8-byte length, then sends that many bytes while reading as
 /// many: both directions of one session at once.
-fn both_ways_server() -> SocketAddr {
+/// The server for [`both_ways`]: it reads the length, then sends that many
+/// bytes while it reads as many, and reports when its last byte came in.
+fn both_ways_server() -> (SocketAddr, std::sync::mpsc::Receiver<Instant>) {
     let (l, a) = listener();
+    let (done_tx, done) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for mut s in l.incoming().flatten() {
+            let done_tx = done_tx.clone();
             std::thread::spawn(move || {
                 let mut len = [0u8; 8];
                 if s.read_exact(&mut len).is_err() {
@@ -325,16 +329,26 @@ fn both_ways_server() -> SocketAddr {
                         Ok(k) => left -= k,
                     }
                 }
+                let _ = done_tx.send(Instant::now());
                 let _ = sender.join();
             });
         }
     });
-    a
+    (a, done)
 }
 
 /// Both directions of one session at once, `bytes` each way: the Gbit/s
-/// of each, up and down, each timed from the start to its last byte.
-fn both_ways(via: Option<SocketAddr>, server: SocketAddr, bytes: usize) -> (f64, f64) {
+/// of each, up and down, each timed from the start to its last byte's
+/// arrival (up: as the server reports it; the client's last write returns
+/// while megabytes are still in flight).
+fn both_ways(
+    via: Option<SocketAddr>,
+    (server, arrived): &(SocketAddr, std::sync::mpsc::Receiver<Instant>),
+    bytes: usize,
+) -> (f64, f64) {
+    let server = *server;
+    // A run that failed may have left a report behind.
+    while arrived.try_recv().is_ok() {}
     let mut s = dial(via, server).expect("dial both-ways server");
     let mut w = s.try_clone().expect("clone");
     let t0 = Instant::now();
@@ -347,7 +361,6 @@ fn both_ways(via: Option<SocketAddr>, server: SocketAddr, bytes: usize) -> (f64,
             w.write_all(&chunk[..n]).expect("send");
             left -= n;
         }
-        t0.elapsed()
     });
     let mut buf = vec![0u8; 256 * 1024];
     let mut left = bytes;
@@ -358,7 +371,8 @@ fn both_ways(via: Option<SocketAddr>, server: SocketAddr, bytes: usize) -> (f64,
         }
     }
     let down = t0.elapsed();
-    let up = up.join().unwrap_or(Duration::MAX);
+    let _ = up.join();
+    let up = arrived.recv_timeout(Duration::from_secs(30)).map_or(Duration::MAX, |at| at - t0);
     let gbit = |d: Duration| bytes as f64 * 8.0 / d.as_secs_f64() / 1e9;
     (gbit(up), gbit(down))
 }
@@ -1310,7 +1324,7 @@ fn main() {
             eprintln!("  {}", targets[i].name);
             let (g, cores) = with_cpu(&targets[i], || throughput(via, sink, mib << 20));
             tput[i].0.push(g);
-            let (u, d) = both_ways(via, both, (mib << 20) / 2);
+            let (u, d) = both_ways(via, &both, (mib << 20) / 2);
             bw_up[i].0.push(u);
             bw_down[i].0.push(d);
             tput_cpu[i].0.push(cores);
