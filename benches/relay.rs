@@ -110,11 +110,18 @@ fn proxy_cpu() -> usize {
 
 fn spawn_pinned(cmd: &mut Command) -> std::io::Result<Child> {
     if pinning() {
+        // Read before the fork: between fork and exec only async-signal-safe
+        // calls are allowed (no environment lock, no allocation).
+        let cpu = proxy_cpu();
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if cpu >= cpus.max(2) {
+            return Err(std::io::Error::other(format!("SLABSOCKS_BENCH_PROXY_CPU={cpu}: no such CPU")));
+        }
         // SAFETY: the closure only calls sched_setaffinity, which is
         // async-signal-safe, between fork and exec.
         unsafe {
-            cmd.pre_exec(|| {
-                pin(proxy_cpu());
+            cmd.pre_exec(move || {
+                pin(cpu);
                 Ok(())
             });
         }
@@ -293,22 +300,26 @@ fn sink_server() -> SocketAddr {
     a
 }
 
-/// Reads an 8-byte length, then sends that many bytes while reading as
-/// many: both directions of one session at once.
-/// The server for [`both_ways`]: it reads the length, then sends that many
-/// bytes while it reads as many, and reports when its last byte came in.
-fn both_ways_server() -> (SocketAddr, std::sync::mpsc::Receiver<Instant>) {
+/// What [`both_ways_server`] reports of a run: its number, and when the
+/// last byte came in (None: the upload ended short).
+type Arrival = (u64, Option<Instant>);
+
+/// The server for [`both_ways`]: it reads a run number and a length, then
+/// sends that many bytes while it reads as many: both directions of one
+/// session at once. It reports when its last byte came in.
+fn both_ways_server() -> (SocketAddr, std::sync::mpsc::Receiver<Arrival>) {
     let (l, a) = listener();
     let (done_tx, done) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for mut s in l.incoming().flatten() {
             let done_tx = done_tx.clone();
             std::thread::spawn(move || {
-                let mut len = [0u8; 8];
-                if s.read_exact(&mut len).is_err() {
+                let mut head = [0u8; 16];
+                if s.read_exact(&mut head).is_err() {
                     return;
                 }
-                let n = u64::from_be_bytes(len) as usize;
+                let [run, n] = [&head[..8], &head[8..]].map(|b| u64::from_be_bytes(b.try_into().unwrap_or([0; 8])));
+                let n = n as usize;
                 let Ok(mut w) = s.try_clone() else { return };
                 let sender = std::thread::spawn(move || {
                     let chunk = vec![0x24u8; 128 * 1024];
@@ -329,7 +340,7 @@ fn both_ways_server() -> (SocketAddr, std::sync::mpsc::Receiver<Instant>) {
                         Ok(k) => left -= k,
                     }
                 }
-                let _ = done_tx.send(Instant::now());
+                let _ = done_tx.send((run, (left == 0).then(Instant::now)));
                 let _ = sender.join();
             });
         }
@@ -340,19 +351,22 @@ fn both_ways_server() -> (SocketAddr, std::sync::mpsc::Receiver<Instant>) {
 /// Both directions of one session at once, `bytes` each way: the Gbit/s
 /// of each, up and down, each timed from the start to its last byte's
 /// arrival (up: as the server reports it; the client's last write returns
-/// while megabytes are still in flight).
+/// while megabytes are still in flight). NaN for a direction that ended
+/// short or was not reported.
 fn both_ways(
     via: Option<SocketAddr>,
-    (server, arrived): &(SocketAddr, std::sync::mpsc::Receiver<Instant>),
+    (server, arrived): &(SocketAddr, std::sync::mpsc::Receiver<Arrival>),
     bytes: usize,
 ) -> (f64, f64) {
-    let server = *server;
-    // A run that failed may have left a report behind.
-    while arrived.try_recv().is_ok() {}
-    let mut s = dial(via, server).expect("dial both-ways server");
+    static RUNS: AtomicU64 = AtomicU64::new(0);
+    let run = RUNS.fetch_add(1, Ordering::Relaxed);
+    let mut s = dial(via, *server).expect("dial both-ways server");
     let mut w = s.try_clone().expect("clone");
     let t0 = Instant::now();
-    w.write_all(&(bytes as u64).to_be_bytes()).expect("send");
+    let mut head = [0u8; 16];
+    head[..8].copy_from_slice(&run.to_be_bytes());
+    head[8..].copy_from_slice(&(bytes as u64).to_be_bytes());
+    w.write_all(&head).expect("send");
     let up = std::thread::spawn(move || {
         let chunk = vec![0x42u8; 128 * 1024];
         let mut left = bytes;
@@ -370,10 +384,18 @@ fn both_ways(
             Ok(n) => left -= n,
         }
     }
-    let down = t0.elapsed();
+    let down = (left == 0).then(|| t0.elapsed());
     let _ = up.join();
-    let up = arrived.recv_timeout(Duration::from_secs(30)).map_or(Duration::MAX, |at| at - t0);
-    let gbit = |d: Duration| bytes as f64 * 8.0 / d.as_secs_f64() / 1e9;
+    // Reports of earlier runs that failed late are passed over.
+    let end = Instant::now() + Duration::from_secs(30);
+    let up = loop {
+        match arrived.recv_timeout(end.saturating_duration_since(Instant::now())) {
+            Ok((r, at)) if r == run => break at.and_then(|at| at.checked_duration_since(t0)),
+            Ok(_) => continue,
+            Err(_) => break None,
+        }
+    };
+    let gbit = |d: Option<Duration>| d.map_or(f64::NAN, |d| bytes as f64 * 8.0 / d.as_secs_f64() / 1e9);
     (gbit(up), gbit(down))
 }
 
@@ -515,13 +537,18 @@ fn session_rate(via: Option<SocketAddr>, echo64: SocketAddr, secs: f64) -> Rate 
     let mut took: Vec<f64> = threads.into_iter().flat_map(|t| t.join().unwrap_or_default()).collect();
     let elapsed = t0.elapsed().as_secs_f64();
     took.sort_by(f64::total_cmp);
-    let at = |q: f64| took.get(((took.len() as f64 * q) as usize).min(took.len().saturating_sub(1))).copied();
     Rate {
         per_s: took.len() as f64 / elapsed,
         errors: errors.load(Ordering::Relaxed),
-        p50_us: at(0.5).unwrap_or(f64::NAN),
-        p99_us: at(0.99).unwrap_or(f64::NAN),
+        p50_us: percentile(&took, 0.5),
+        p99_us: percentile(&took, 0.99),
     }
+}
+
+/// The nearest-rank `q` quantile of sorted samples; NaN when there are none.
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    let i = ((sorted.len() as f64 * q) as usize).min(sorted.len().saturating_sub(1));
+    sorted.get(i).copied().unwrap_or(f64::NAN)
 }
 
 /// 1-byte round trips: (p50, p99) in microseconds.
@@ -539,14 +566,14 @@ fn latency(via: Option<SocketAddr>, echo: SocketAddr, n: usize) -> (f64, f64) {
     if env_num("SLABSOCKS_BENCH_HISTOGRAM", 0) != 0 {
         print_histogram(via, &rtts);
     }
-    (rtts[n / 2], rtts[n * 99 / 100])
+    (percentile(&rtts, 0.5), percentile(&rtts, 0.99))
 }
 
 /// SLABSOCKS_BENCH_HISTOGRAM=1: the round trips of one latency run by
 /// power-of-two buckets, with p90, p99, p99.9 and the worst.
 fn print_histogram(via: Option<SocketAddr>, sorted: &[f64]) {
     let n = sorted.len();
-    let at = |q: f64| sorted[((n as f64 * q) as usize).min(n - 1)];
+    let at = |q: f64| percentile(sorted, q);
     println!(
         "  RTT histogram via {}: p50 {:.1} p90 {:.1} p99 {:.1} p99.9 {:.1} max {:.1} µs",
         via.map_or("direct".into(), |a| a.to_string()),
@@ -1325,8 +1352,13 @@ fn main() {
             let (g, cores) = with_cpu(&targets[i], || throughput(via, sink, mib << 20));
             tput[i].0.push(g);
             let (u, d) = both_ways(via, &both, (mib << 20) / 2);
-            bw_up[i].0.push(u);
-            bw_down[i].0.push(d);
+            // A direction that ended short has no rate: left out, and said.
+            for (x, into, way) in [(u, &mut bw_up[i], "up"), (d, &mut bw_down[i], "down")] {
+                match x.is_finite() {
+                    true => into.0.push(x),
+                    false => eprintln!("  both ways via {}: the {way} direction ended short", targets[i].name),
+                }
+            }
             tput_cpu[i].0.push(cores);
             let (r, cores) = with_cpu(&targets[i], || session_rate(via, echo64, rate_secs));
             rate[i].0.push(r.per_s);

@@ -152,8 +152,8 @@ pub struct Cli {
     pub max_udp_associations: Option<usize>,
     /// After handling events, poll this long without sleeping (e.g. 200us;
     /// off: always sleep). Cuts round-trip latency in VMs, where waking an
-    /// idle CPU is slow, for a core that spins while traffic flows.
-    #[arg(long, value_name = "DURATION", default_value = "off", value_parser = duration, env = "SLABSOCKS_BUSY_POLL")]
+    /// idle CPU is slow, for a core per worker that spins while traffic flows.
+    #[arg(long, value_name = "DURATION", default_value = "off", value_parser = fine_duration, env = "SLABSOCKS_BUSY_POLL")]
     pub busy_poll: Duration,
 }
 
@@ -210,9 +210,19 @@ impl Cli {
     }
 }
 
-/// `200us`, `500ms`, `10s`, `2m`, `1h`; a bare number is seconds; `off` is
-/// zero. At most [`slabsocks::MAX_DURATION`].
+/// `500ms`, `10s`, `2m`, `1h`; a bare number is seconds; `off` is zero. At
+/// most [`slabsocks::MAX_DURATION`]. The timers count milliseconds, so
+/// there is no finer unit.
 fn duration(s: &str) -> Result<Duration, String> {
+    parse_duration(s, false)
+}
+
+/// As [`duration`], and microseconds too (`200us`): for `--busy-poll`.
+fn fine_duration(s: &str) -> Result<Duration, String> {
+    parse_duration(s, true)
+}
+
+fn parse_duration(s: &str, micros: bool) -> Result<Duration, String> {
     if s == "off" {
         return Ok(Duration::ZERO);
     }
@@ -220,12 +230,13 @@ fn duration(s: &str) -> Result<Duration, String> {
     let (num, unit) = s.split_at(split);
     let n: u64 = num.parse().map_err(|_| format!("'{s}' is not a duration like 500ms, 10s or 2m"))?;
     let per = match unit {
-        "us" => 1,
+        "us" if micros => 1,
         "ms" => 1000,
         "" | "s" => 1_000_000,
         "m" => 60_000_000,
         "h" => 3_600_000_000,
-        _ => return Err(format!("'{s}' has an unknown unit (use us, ms, s, m or h)")),
+        _ if micros => return Err(format!("'{s}' has an unknown unit (use us, ms, s, m or h)")),
+        _ => return Err(format!("'{s}' has an unknown unit (use ms, s, m or h)")),
     };
     n.checked_mul(per)
         .map(Duration::from_micros)
@@ -277,7 +288,12 @@ mod tests {
     #[test]
     fn durations() {
         assert_eq!(duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(duration("200us"), Ok(Duration::from_micros(200)));
+        assert!(duration("200us").is_err(), "the timers count milliseconds");
+        assert_eq!(fine_duration("200us"), Ok(Duration::from_micros(200)));
+        assert_eq!(fine_duration("0us"), Ok(Duration::ZERO));
+        assert_eq!(fine_duration("8760h"), Ok(slabsocks::MAX_DURATION));
+        assert!(fine_duration("8761h").is_err());
+        assert!(fine_duration("18446744073709551615us").is_err());
         assert_eq!(duration("10"), Ok(Duration::from_secs(10)));
         assert_eq!(duration("2m"), Ok(Duration::from_secs(120)));
         assert_eq!(duration("off"), Ok(Duration::ZERO));

@@ -139,8 +139,9 @@ pub struct Config {
     pub max_udp_associations: Option<usize>,
     /// After a turn that handled events, keep polling without sleeping for
     /// this long before the loop may sleep again (HAProxy's `busy-polling`,
-    /// bounded): an idle CPU in a VM is slow to wake. None: always sleep.
-    /// At most [`MAX_BUSY_POLL`].
+    /// bounded): an idle CPU in a VM is slow to wake. Each worker spins on
+    /// its own core. None: always sleep. Positive and at most
+    /// [`MAX_BUSY_POLL`].
     pub busy_poll: Option<Duration>,
 }
 
@@ -260,6 +261,10 @@ impl Config {
             if d.is_some_and(|d| d > MAX_DURATION) {
                 return Err(ConfigError(format!("{name} is longer than the limit of 8760h (one year)")));
             }
+            // The timers count whole milliseconds: less would expire at once.
+            if d.is_some_and(|d| !d.is_zero() && d < Duration::from_millis(1)) {
+                return Err(ConfigError(format!("{name} is shorter than 1ms")));
+            }
         }
         if self.idle_timeout.is_some_and(|d| d.is_zero()) {
             return err("an idle timeout must be positive (None turns it off)");
@@ -276,8 +281,10 @@ impl Config {
         if self.udp_idle_timeout.is_zero() {
             return err("the UDP idle timeout must be positive");
         }
-        if self.busy_poll.is_some_and(|d| d > MAX_BUSY_POLL) {
-            return Err(ConfigError(format!("busy polling is at most {MAX_BUSY_POLL:?}")));
+        if self.busy_poll.is_some_and(|d| d.is_zero() || d > MAX_BUSY_POLL) {
+            return Err(ConfigError(format!(
+                "busy polling is positive (None turns it off) and at most {MAX_BUSY_POLL:?}"
+            )));
         }
         if self.max_udp_associations == Some(0) {
             return err("max UDP associations must be at least 1 (use udp: false to turn UDP off)");
@@ -359,6 +366,9 @@ mod tests {
             Config { udp_idle_timeout: Duration::ZERO, ..Config::default() },
             Config { max_udp_associations: Some(0), ..Config::default() },
             Config { busy_poll: Some(MAX_BUSY_POLL + Duration::from_micros(1)), ..Config::default() },
+            Config { busy_poll: Some(Duration::ZERO), ..Config::default() },
+            Config { handshake_timeout: Duration::from_micros(999), ..Config::default() },
+            Config { idle_timeout: Some(Duration::from_micros(500)), ..Config::default() },
             Config {
                 external_addrs: vec!["192.0.2.1".parse().unwrap(), "192.0.2.2".parse().unwrap()],
                 ..Config::default()

@@ -475,17 +475,23 @@ impl Loop {
     fn run(&mut self) -> io::Result<()> {
         let mut events = Events::with_capacity(1024);
         loop {
-            let timeout = self.poll_timeout();
+            let deadline = self.next_deadline();
+            let timeout = if !self.again.is_empty() || self.now < self.spin_until {
+                Some(Duration::ZERO)
+            } else {
+                // Round up: a timeout that ends a hair early just spins once more.
+                deadline.map(|at| at.saturating_duration_since(Instant::now()) + Duration::from_millis(1))
+            };
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() != io::ErrorKind::Interrupted {
                     return Err(e);
                 }
             }
             self.now = Instant::now();
-            if let Some(window) = self.config.busy_poll
-                && !events.is_empty()
-            {
-                self.spin_until = self.now + window;
+            if events.is_empty() && self.again.is_empty() && deadline.is_none_or(|at| self.now < at) {
+                // Nothing happened and nothing is due: a busy-polling turn
+                // that found nothing (or an interrupted poll).
+                continue;
             }
             for ev in events.iter() {
                 match token::owner(ev.token()) {
@@ -508,6 +514,13 @@ impl Loop {
             self.run_deferred();
             self.expire();
             self.maintain();
+            // The window counts from the end of the turn: a turn longer
+            // than the window still spins after it.
+            if let Some(window) = self.config.busy_poll
+                && !events.is_empty()
+            {
+                self.spin_until = Instant::now() + window;
+            }
             if let Some(deadline) = self.stop_deadline
                 && (self.conns.is_empty() || self.now >= deadline)
             {
@@ -520,10 +533,9 @@ impl Loop {
         }
     }
 
-    fn poll_timeout(&self) -> Option<Duration> {
-        if !self.again.is_empty() || self.now < self.spin_until {
-            return Some(Duration::ZERO);
-        }
+    /// The earliest deadline of anything the loop must do without an
+    /// event.
+    fn next_deadline(&self) -> Option<Instant> {
         let metrics = self.metrics.as_ref().and_then(Metrics::deadline);
         let throttle = self.env.shaping.as_ref().and_then(|s| s.wake.next_deadline());
         let stagger = self.env.stagger.next_deadline();
@@ -539,8 +551,6 @@ impl Loop {
         .into_iter()
         .flatten()
         .min()
-        // Round up: a timeout that ends a hair early just spins once more.
-        .map(|at| at.saturating_duration_since(Instant::now()) + Duration::from_millis(1))
     }
 
     /// A socket event (or a deferred turn, with no `bits`): adds `bits` to

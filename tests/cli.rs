@@ -412,7 +412,7 @@ fn sessions_have_nodelay_both_ways() {
 /// sleeping (it uses CPU) for its window, and then sleeps again (it stops).
 #[test]
 fn busy_polling_spins_for_its_window_then_sleeps() {
-    let (mut child, addr) = spawn(&["--busy-poll", "800ms"]);
+    let (mut child, addr) = spawn(&["--busy-poll", "1s"]);
     let pid = child.id();
     let ticks_over = |ms: u64| {
         let before = cpu_ticks(pid);
@@ -429,7 +429,9 @@ fn busy_polling_spins_for_its_window_then_sleeps() {
     // a share of a CPU only, hence the low bar.
     let spinning = ticks_over(500);
     assert!(spinning >= 10, "{spinning} ticks in the first half second of the window: it sleeps");
-    std::thread::sleep(Duration::from_millis(900).saturating_sub(t0.elapsed()));
+    // The window ends by t0 + 1 s (it counts from the end of the turn that
+    // sent the reply, before t0).
+    std::thread::sleep(Duration::from_millis(1100).saturating_sub(t0.elapsed()));
     let after = ticks_over(500);
     assert!(after < 10, "{after} ticks after the window: it never stops spinning");
     signal(&child, libc::SIGTERM);
