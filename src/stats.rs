@@ -21,6 +21,14 @@ pub(crate) enum Stat {
     AcceptPauses,
     BytesUp,
     BytesDown,
+    /// UDP ASSOCIATE: datagrams relayed each way, their payload bytes, and
+    /// datagrams dropped (not the client's, malformed, fragments, denied,
+    /// unresolved, or refused by a full send buffer).
+    UdpDatagramsUp,
+    UdpDatagramsDown,
+    UdpBytesUp,
+    UdpBytesDown,
+    UdpDropped,
     CommandConnect,
     CommandBind,
     CommandUdp,
@@ -182,6 +190,24 @@ pub(crate) fn render<'a>(loops: impl Iterator<Item = &'a Published> + Clone, wor
         "counter",
         "Bytes relayed over TCP, by direction.",
         &[("{direction=\"up\"}", BytesUp as usize), ("{direction=\"down\"}", BytesDown as usize)],
+    );
+    metric(
+        "udp_datagrams_total",
+        "counter",
+        "UDP datagrams relayed, by direction.",
+        &[("{direction=\"up\"}", UdpDatagramsUp as usize), ("{direction=\"down\"}", UdpDatagramsDown as usize)],
+    );
+    metric(
+        "udp_bytes_total",
+        "counter",
+        "Payload bytes of the UDP datagrams relayed, by direction.",
+        &[("{direction=\"up\"}", UdpBytesUp as usize), ("{direction=\"down\"}", UdpBytesDown as usize)],
+    );
+    metric(
+        "udp_dropped_total",
+        "counter",
+        "UDP datagrams dropped: not the client's, malformed, fragments, denied, unresolved, or not sent.",
+        &[("", UdpDropped as usize)],
     );
     metric(
         "resolver_queue_depth",

@@ -5,36 +5,7 @@ mod common;
 
 use common::*;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
-
-fn metrics_addr(log: &Log) -> SocketAddr {
-    let line = log.wait_for("metrics on http://");
-    let at = line.split("http://").nth(1).unwrap();
-    at.trim_end_matches("/metrics").parse().unwrap()
-}
-
-/// Sends `request` raw; returns the whole answer (the server closes).
-fn ask(addr: SocketAddr, request: &[u8]) -> String {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-    s.write_all(request).unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
-}
-
-fn scrape(addr: SocketAddr) -> String {
-    let answer = ask(addr, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
-    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
-    assert!(answer.contains("Content-Type: text/plain; version=0.0.4"), "{answer}");
-    answer.split("\r\n\r\n").nth(1).unwrap().to_string()
-}
-
-fn value(text: &str, series: &str) -> u64 {
-    let line = text.lines().find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '));
-    let line = line.unwrap_or_else(|| panic!("no {series} in\n{text}"));
-    line.rsplit(' ').next().unwrap().parse().unwrap()
-}
+use std::net::TcpStream;
 
 #[test]
 fn counters_after_a_known_mix_of_sessions() {
@@ -110,8 +81,8 @@ fn counters_after_a_known_mix_of_sessions() {
         let text = scrape(metrics);
         let wrong: Vec<_> = want
             .iter()
-            .filter(|(series, n)| value(&text, series) != *n)
-            .map(|(s, n)| (*s, *n, value(&text, s)))
+            .filter(|(series, n)| metric(&text, series) != *n)
+            .map(|(s, n)| (*s, *n, metric(&text, s)))
             .collect();
         if wrong.is_empty() || std::time::Instant::now() > end {
             break wrong;
@@ -120,9 +91,9 @@ fn counters_after_a_known_mix_of_sessions() {
     };
     assert!(wrong.is_empty(), "(series, expected, got): {wrong:?}");
     // The two sessions still open (SOCKS4, HTTP), then none.
-    eventually("two sessions are active", || value(&scrape(metrics), "slabsocks_sessions_active") == 2);
+    eventually("two sessions are active", || metric(&scrape(metrics), "slabsocks_sessions_active") == 2);
     drop((s4, h));
-    eventually("no session is active", || value(&scrape(metrics), "slabsocks_sessions_active") == 0);
+    eventually("no session is active", || metric(&scrape(metrics), "slabsocks_sessions_active") == 0);
     remove_users_file(&users);
 }
 

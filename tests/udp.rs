@@ -418,3 +418,38 @@ fn one_datagram_at_a_time_waits_for_a_name() {
     assert_eq!(asked.load(Ordering::SeqCst), 1, "the second name was never looked up");
     assert_eq!(count.load(Ordering::SeqCst), 3, "first, by address, sync: the second was dropped");
 }
+
+/// Datagrams relayed are counted each way, with their payload bytes, in
+/// the metrics and the association's access line; dropped ones too.
+#[test]
+fn datagrams_are_counted_in_the_metrics_and_the_access_log() {
+    let (_child, addr, log) = spawn_logged(&["--metrics-listen", "127.0.0.1:0", "--access-log"]);
+    let metrics = metrics_addr(&log);
+    let (echo, _) = udp_echo("127.0.0.1:0");
+    let (control, relay) = associate(addr, any4());
+    let client = control.local_addr().unwrap();
+    let s = client_socket("127.0.0.1:0");
+    for data in [&b"one"[..], b"three", b"seventeen bytes!!"] {
+        round_trip(&s, relay, echo, data);
+    }
+    let mut frag = wrap(echo, b"fragment");
+    frag[2] = 1;
+    s.send_to(&frag, relay).unwrap();
+    // A datagram behind the fragment shows it has been handled.
+    round_trip(&s, relay, echo, b"");
+    let want = [
+        ("slabsocks_udp_datagrams_total{direction=\"up\"}", 4),
+        ("slabsocks_udp_datagrams_total{direction=\"down\"}", 4),
+        ("slabsocks_udp_bytes_total{direction=\"up\"}", 25),
+        ("slabsocks_udp_bytes_total{direction=\"down\"}", 25),
+        ("slabsocks_udp_dropped_total", 1),
+        ("slabsocks_bytes_total{direction=\"up\"}", 0),
+    ];
+    eventually("the UDP counters are published", || {
+        let text = scrape(metrics);
+        want.iter().all(|(series, n)| metric(&text, series) == *n)
+    });
+    drop(control);
+    let line = log.wait_for(&format!("access client={client} "));
+    assert!(line.contains(" cmd=udp ") && line.contains(" up=25 down=25 "), "{line}");
+}

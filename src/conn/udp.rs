@@ -21,6 +21,7 @@ use crate::buf::{Buf, Io, Pool, read};
 use crate::proto::{Addr, MAX_UDP_IP_HEADER_LEN, Reply, encode_udp_header, parse_udp_header, udp_header_len};
 use crate::resolver::{Job, Purpose};
 use crate::rules::canonical;
+use crate::stats::Stat;
 use crate::timer::Kind;
 use crate::token::Role;
 use crate::warn::Warn;
@@ -186,7 +187,8 @@ impl Associated {
                 }
             };
             match got {
-                Ok(relayed) => moved |= relayed,
+                Ok(true) => moved = true,
+                Ok(false) => ctx.env.stats.inc(Stat::UdpDropped),
                 Err(e) => log::debug!("#{} UDP receive: {e}", ctx.id),
             }
             budget -= 1;
@@ -243,8 +245,9 @@ impl Associated {
         self.send_far(&datagram[at..], SocketAddr::new(ip, port), ctx)
     }
 
-    /// Sends `data` to `to`, if the rules allow it; true when sent.
-    fn send_far(&self, data: &[u8], to: SocketAddr, ctx: &Ctx<'_>) -> bool {
+    /// Sends `data` to `to`, if the rules allow it; true when sent (and
+    /// counted).
+    fn send_far(&self, data: &[u8], to: SocketAddr, ctx: &mut Ctx<'_>) -> bool {
         let to = SocketAddr::new(canonical(to.ip()), to.port());
         if !ctx.env.rules.dest_allowed(to) {
             log::trace!("#{} UDP: {to} denied by rule", ctx.id);
@@ -257,7 +260,10 @@ impl Associated {
         };
         // A full send buffer drops the datagram, as the network may.
         match self.far.send_to(data, to) {
-            Ok(_) => true,
+            Ok(n) => {
+                counted(ctx, true, n);
+                true
+            }
             Err(e) => {
                 log::trace!("#{} UDP to {to}: {e}", ctx.id);
                 false
@@ -267,8 +273,8 @@ impl Associated {
 
     /// A remote's datagram (its data at `datagram[MAX_UDP_IP_HEADER_LEN..]`):
     /// our header goes right in front of it, and the whole to the client.
-    /// True when it went to the client.
-    fn remote_datagram(&self, datagram: &mut [u8], from: SocketAddr, ctx: &Ctx<'_>) -> bool {
+    /// True when it went to the client (and was counted).
+    fn remote_datagram(&self, datagram: &mut [u8], from: SocketAddr, ctx: &mut Ctx<'_>) -> bool {
         let from = SocketAddr::new(canonical(from.ip()), from.port());
         let Some(client) = self.pinned else { return false };
         if !ctx.env.rules.dest_allowed(from) {
@@ -278,7 +284,10 @@ impl Associated {
         let start = MAX_UDP_IP_HEADER_LEN - udp_header_len(from);
         encode_udp_header(from, &mut datagram[start..MAX_UDP_IP_HEADER_LEN]);
         match self.near.send_to(&datagram[start..], client) {
-            Ok(_) => true,
+            Ok(_) => {
+                counted(ctx, false, datagram.len() - MAX_UDP_IP_HEADER_LEN);
+                true
+            }
             Err(e) => {
                 log::trace!("#{} UDP to client {client}: {e}", ctx.id);
                 false
@@ -320,15 +329,29 @@ impl Associated {
                 // expires first.
                 let slot = (0..CACHE).min_by_key(|&i| self.cache[i].as_ref().map(|c| c.until)).unwrap_or(0);
                 self.cache[slot] = Some(Cached { name: p.name, ip: addr.ip(), until: ctx.now + CACHE_TTL });
-                let _ = self.send_far(
-                    &p.buf[p.data.0 as usize..p.data.1 as usize],
-                    SocketAddr::new(addr.ip(), p.port),
-                    ctx,
-                );
+                let data = &p.buf[p.data.0 as usize..p.data.1 as usize];
+                if !self.send_far(data, SocketAddr::new(addr.ip(), p.port), ctx) {
+                    ctx.env.stats.inc(Stat::UdpDropped);
+                }
             }
-            None => log::trace!("#{} UDP: {:?} did not resolve; datagram dropped", ctx.id, p.name),
+            None => {
+                log::trace!("#{} UDP: {:?} did not resolve; datagram dropped", ctx.id, p.name);
+                ctx.env.stats.inc(Stat::UdpDropped);
+            }
         }
         ctx.env.pool.put(p.buf);
+    }
+}
+
+/// One datagram of `n` payload bytes relayed, `up` (client to remote) or
+/// down: the metrics' counters and the access log's bytes.
+fn counted(ctx: &mut Ctx<'_>, up: bool, n: usize) {
+    let (datagrams, bytes) =
+        if up { (Stat::UdpDatagramsUp, Stat::UdpBytesUp) } else { (Stat::UdpDatagramsDown, Stat::UdpBytesDown) };
+    ctx.env.stats.inc(datagrams);
+    ctx.env.stats.add(bytes, n as u64);
+    if let Some(r) = ctx.record() {
+        *if up { &mut r.up } else { &mut r.down } += n as u64;
     }
 }
 

@@ -667,3 +667,35 @@ pub fn read_head(s: &mut TcpStream) -> String {
 pub fn status(head: &str) -> u16 {
     head.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or_else(|| panic!("no status in {head:?}"))
 }
+
+/// The metrics endpoint's address, from the start-up log.
+pub fn metrics_addr(log: &Log) -> SocketAddr {
+    let line = log.wait_for("metrics on http://");
+    let at = line.split("http://").nth(1).unwrap();
+    at.trim_end_matches("/metrics").parse().unwrap()
+}
+
+/// Sends `request` raw; returns the whole answer (the server closes).
+pub fn ask(addr: SocketAddr, request: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    s.write_all(request).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+/// The body of `GET /metrics`.
+pub fn scrape(addr: SocketAddr) -> String {
+    let answer = ask(addr, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+    assert!(answer.contains("Content-Type: text/plain; version=0.0.4"), "{answer}");
+    answer.split("\r\n\r\n").nth(1).unwrap().to_string()
+}
+
+/// The value of `series` (name and labels) in a scrape.
+pub fn metric(text: &str, series: &str) -> u64 {
+    let line = text.lines().find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '));
+    let line = line.unwrap_or_else(|| panic!("no {series} in\n{text}"));
+    line.rsplit(' ').next().unwrap().parse().unwrap()
+}
