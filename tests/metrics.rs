@@ -150,3 +150,19 @@ fn the_endpoint_has_its_own_connection_limit() {
         assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
     }
 }
+
+/// A client that connects and says nothing holds one of the endpoint's
+/// four connections for at most 5 s; then it is closed and scraping works
+/// again.
+#[test]
+fn silent_connections_are_closed_after_their_time() {
+    let (_child, _addr, log) = spawn_logged(&["--metrics-listen", "127.0.0.1:0"]);
+    let metrics = metrics_addr(&log);
+    let mut silent: Vec<TcpStream> = (0..4).map(|_| TcpStream::connect(metrics).unwrap()).collect();
+    for s in &mut silent {
+        s.set_read_timeout(Some(std::time::Duration::from_secs(9))).unwrap();
+        let mut b = [0u8; 1];
+        assert!(matches!(s.read(&mut b), Ok(0)), "a silent connection is closed, not kept");
+    }
+    assert!(scrape(metrics).contains("slabsocks_workers"));
+}
