@@ -111,3 +111,48 @@ fn a_failed_racer_makes_way_for_the_next_address() {
     s.write_all(b"third").unwrap();
     expect(&mut s, b"third");
 }
+
+/// The first attempt fails while its racer is still under way: the racer
+/// carries on alone as the session's upstream, and its connect completes
+/// the request. Both addresses start silent (their queues full); once the
+/// racer is under way the first address's listener closes (its SYN's
+/// retransmission, 1 s after the first, is refused) and the second's queue
+/// is drained (its racer's retransmission, 250 ms later, is answered).
+#[test]
+fn a_racer_carries_on_when_the_first_attempt_fails() {
+    let silent = || {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        // SAFETY: listen(2) on a valid, owned descriptor.
+        unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&l), 0) };
+        let addr = l.local_addr().unwrap();
+        let fill: Vec<TcpStream> =
+            (0..8).filter_map(|_| TcpStream::connect_timeout(&addr, Duration::from_millis(100)).ok()).collect();
+        (l, addr, fill)
+    };
+    let (first, first_addr, first_fill) = silent();
+    let (second, second_addr, second_fill) = silent();
+    let proxy = Proxy::with(|c| {
+        c.lookup = named(vec![first_addr, second_addr]);
+        c.connect_timeout = Duration::from_secs(5);
+    });
+    let mut s = connect(proxy.addr);
+    s.write_all(&[5, 1, 0]).unwrap();
+    expect(&mut s, &[5, 0]);
+    s.write_all(&connect_domain("dual.test", 1)).unwrap();
+    // Past the stagger: the racer to the second address is under way.
+    std::thread::sleep(Duration::from_millis(500));
+    drop((first, first_fill));
+    std::thread::spawn(move || {
+        for c in second.incoming().flatten() {
+            std::thread::spawn(move || {
+                let (mut r, mut w) = (c.try_clone().unwrap(), c);
+                let _ = std::io::copy(&mut r, &mut w);
+            });
+        }
+    });
+    drop(second_fill);
+    let (rep, _) = read_reply(&mut s).unwrap();
+    assert_eq!(rep, 0, "the racer should connect as the upstream");
+    s.write_all(b"carried").unwrap();
+    expect(&mut s, b"carried");
+}
