@@ -119,6 +119,40 @@ fn resets_from_either_side_end_the_session_cleanly() {
     expect(&mut ok, b"after the resets");
 }
 
+/// A client that resets in the middle of an upload reaches the destination
+/// as a reset, not as the end of the stream: a cut-off upload must not
+/// look complete to it. Both relay paths: a few bytes (copied), and 256
+/// KiB (the direction carries bulk and splices).
+#[test]
+fn a_client_reset_reaches_the_destination_as_a_reset() {
+    let proxy = Proxy::start();
+    for size in [5, 256 * 1024] {
+        let (got, ended) = std::sync::mpsc::channel();
+        let target = serve("127.0.0.1:0", move |mut s| {
+            let (mut b, mut n) = ([0u8; 16 * 1024], 0);
+            let end = loop {
+                match s.read(&mut b) {
+                    Ok(0) => break Ok(()),
+                    Ok(k) => n += k,
+                    Err(e) => break Err(e.kind()),
+                }
+                if n == size {
+                    let _ = got.send(None);
+                }
+            };
+            let _ = got.send(Some(end));
+        });
+        let mut s = open(proxy.addr, target);
+        s.write_all(&vec![7u8; size]).unwrap();
+        assert_eq!(ended.recv_timeout(IO_TIMEOUT).unwrap(), None, "{size}: the upload so far arrived");
+        socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO)).unwrap();
+        drop(s);
+        let end = ended.recv_timeout(IO_TIMEOUT).unwrap();
+        assert_eq!(end, Some(Err(std::io::ErrorKind::ConnectionReset)), "{size}: the destination saw {end:?}");
+        proxy.wait_sessions(0);
+    }
+}
+
 /// 5 000 clients complete the handshake to a sink and stall, while a normal
 /// client gets its bytes through; the idle timeout closes them all, and
 /// the process returns to its baseline descriptors and memory. (10 000

@@ -112,7 +112,8 @@ struct Dir {
     eof_shut: u8,
     /// The other direction's `shut` and this one's `dead`: with either
     /// set, no `shutdown` (the close sends the FIN, or the destination is
-    /// gone).
+    /// gone). Client to upstream adds the client gone (`RX_DEAD`): the
+    /// session ends now, and the upstream gets a reset, never a FIN first.
     no_fin: u8,
     /// A read has filled a whole buffer: the direction carries bulk, and
     /// splices from now on. Until then it copies: for small messages a
@@ -146,7 +147,7 @@ const TX: Dir = Dir {
     dead: TX_DEAD,
     reset: TX_EOF | RX_DEAD,
     eof_shut: TX_EOF | TX_SHUT,
-    no_fin: RX_SHUT | TX_DEAD,
+    no_fin: RX_SHUT | TX_DEAD | RX_DEAD,
     bulk: TX_BULK,
 };
 /// Upstream to client.
@@ -426,6 +427,14 @@ impl Relay {
         match self.pump(&mut client.stream, &mut client.ready, client.user, ctx) {
             Pumped::Wait => (State::Relaying(self), Flow::Wait),
             Pumped::Again => (State::Relaying(self), Flow::Again),
+            Pumped::Close(Close::ClientGone) => {
+                // The client reset (or cannot be written to): the upstream
+                // is reset too, so a cut-off upload never looks complete
+                // to it, as a FIN would make it look. What was not yet sent
+                // to it is dropped, as the client's own reset dropped its.
+                let _ = socket2::SockRef::from(&self.up).set_linger(Some(std::time::Duration::ZERO));
+                (State::Relaying(self), Flow::Close(Close::ClientGone))
+            }
             Pumped::Close(why) => (State::Relaying(self), Flow::Close(why)),
             Pumped::Linger => linger(self, Close::UpstreamGone, client, ctx),
         }
