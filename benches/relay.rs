@@ -49,16 +49,22 @@ fn env_num(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
-/// Pins the calling thread (and threads it spawns later) to one CPU.
-fn pin(cpu: usize) {
-    // SAFETY: cpu_set_t is plain data; CPU_ZERO/CPU_SET write within it and
-    // sched_setaffinity reads it through a valid pointer of the right size.
-    unsafe {
+/// Pins the calling thread (and threads it spawns later) to one CPU. Safe
+/// between fork and exec: no allocation, no lock.
+fn pin(cpu: usize) -> std::io::Result<()> {
+    if cpu >= libc::CPU_SETSIZE as usize {
+        return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    // SAFETY: cpu_set_t is plain data; CPU_ZERO/CPU_SET write within it (cpu
+    // is below CPU_SETSIZE) and sched_setaffinity reads it through a valid
+    // pointer of the right size.
+    let r = unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_ZERO(&mut set);
         libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
-    }
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    if r == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
 }
 
 fn free_port() -> u16 {
@@ -111,19 +117,13 @@ fn proxy_cpu() -> usize {
 fn spawn_pinned(cmd: &mut Command) -> std::io::Result<Child> {
     if pinning() {
         // Read before the fork: between fork and exec only async-signal-safe
-        // calls are allowed (no environment lock, no allocation).
+        // calls are allowed (no environment lock, no allocation). A CPU the
+        // process may not use fails the spawn (EINVAL from the child).
         let cpu = proxy_cpu();
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        if cpu >= cpus.max(2) {
-            return Err(std::io::Error::other(format!("SLABSOCKS_BENCH_PROXY_CPU={cpu}: no such CPU")));
-        }
         // SAFETY: the closure only calls sched_setaffinity, which is
         // async-signal-safe, between fork and exec.
         unsafe {
-            cmd.pre_exec(move || {
-                pin(cpu);
-                Ok(())
-            });
+            cmd.pre_exec(move || pin(cpu));
         }
     }
     cmd.stdin(Stdio::null()).stdout(Stdio::null()).spawn()
@@ -1291,7 +1291,9 @@ fn main() {
     let machine_line = machine();
     println!("machine: {machine_line}");
     if pinning() {
-        pin(0);
+        if let Err(e) = pin(0) {
+            println!("cannot pin the load to CPU 0: {e}");
+        }
         println!(
             "load generator and servers on CPU 0, each proxy on CPU {}; {rounds} rounds, order rotated",
             proxy_cpu()
@@ -1354,9 +1356,10 @@ fn main() {
             let (u, d) = both_ways(via, &both, (mib << 20) / 2);
             // A direction that ended short has no rate: left out, and said.
             for (x, into, way) in [(u, &mut bw_up[i], "up"), (d, &mut bw_down[i], "down")] {
-                match x.is_finite() {
-                    true => into.0.push(x),
-                    false => eprintln!("  both ways via {}: the {way} direction ended short", targets[i].name),
+                if x.is_finite() {
+                    into.0.push(x);
+                } else {
+                    eprintln!("  both ways via {}: the {way} direction ended short", targets[i].name);
                 }
             }
             tput_cpu[i].0.push(cores);

@@ -235,8 +235,10 @@ fn parse_duration(s: &str, micros: bool) -> Result<Duration, String> {
         "" | "s" => 1_000_000,
         "m" => 60_000_000,
         "h" => 3_600_000_000,
-        _ if micros => return Err(format!("'{s}' has an unknown unit (use us, ms, s, m or h)")),
-        _ => return Err(format!("'{s}' has an unknown unit (use ms, s, m or h)")),
+        _ => {
+            let units = if micros { "us, ms, s, m or h" } else { "ms, s, m or h" };
+            return Err(format!("'{s}' has an unknown unit (use {units})"));
+        }
     };
     n.checked_mul(per)
         .map(Duration::from_micros)

@@ -139,8 +139,8 @@ pub struct Config {
     pub max_udp_associations: Option<usize>,
     /// After a turn that handled events, keep polling without sleeping for
     /// this long before the loop may sleep again (HAProxy's `busy-polling`,
-    /// bounded): an idle CPU in a VM is slow to wake. Each worker spins on
-    /// its own core. None: always sleep. Positive and at most
+    /// bounded): an idle CPU in a VM is slow to wake. Each spinning worker
+    /// uses a whole core. None: always sleep. Positive and at most
     /// [`MAX_BUSY_POLL`].
     pub busy_poll: Option<Duration>,
 }
@@ -261,7 +261,8 @@ impl Config {
             if d.is_some_and(|d| d > MAX_DURATION) {
                 return Err(ConfigError(format!("{name} is longer than the limit of 8760h (one year)")));
             }
-            // The timers count whole milliseconds: less would expire at once.
+            // The timers count whole milliseconds (less would expire at
+            // once); the grace is held to the same rule.
             if d.is_some_and(|d| !d.is_zero() && d < Duration::from_millis(1)) {
                 return Err(ConfigError(format!("{name} is shorter than 1ms")));
             }

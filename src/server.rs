@@ -475,12 +475,12 @@ impl Loop {
     fn run(&mut self) -> io::Result<()> {
         let mut events = Events::with_capacity(1024);
         loop {
-            let deadline = self.next_deadline();
+            let due = self.next_deadline();
             let timeout = if !self.again.is_empty() || self.now < self.spin_until {
                 Some(Duration::ZERO)
             } else {
                 // Round up: a timeout that ends a hair early just spins once more.
-                deadline.map(|at| at.saturating_duration_since(Instant::now()) + Duration::from_millis(1))
+                due.map(|at| at.saturating_duration_since(Instant::now()) + Duration::from_millis(1))
             };
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() != io::ErrorKind::Interrupted {
@@ -488,7 +488,7 @@ impl Loop {
                 }
             }
             self.now = Instant::now();
-            if events.is_empty() && self.again.is_empty() && deadline.is_none_or(|at| self.now < at) {
+            if events.is_empty() && self.again.is_empty() && due.is_none_or(|at| self.now < at) {
                 // Nothing happened and nothing is due: a busy-polling turn
                 // that found nothing (or an interrupted poll).
                 continue;

@@ -22,8 +22,7 @@ pub(crate) enum Stat {
     BytesUp,
     BytesDown,
     /// UDP ASSOCIATE: datagrams relayed each way, their payload bytes, and
-    /// datagrams dropped (not the client's, malformed, fragments, denied,
-    /// unresolved, or refused by a full send buffer).
+    /// datagrams received and not relayed (see `udp.rs`).
     UdpDatagramsUp,
     UdpDatagramsDown,
     UdpBytesUp,
@@ -206,7 +205,7 @@ pub(crate) fn render<'a>(loops: impl Iterator<Item = &'a Published> + Clone, wor
     metric(
         "udp_dropped_total",
         "counter",
-        "UDP datagrams dropped: not the client's, malformed, fragments, denied, unresolved, or not sent.",
+        "UDP datagrams received and not relayed (not the client's, malformed, fragments, denied, unresolved, ...).",
         &[("", UdpDropped as usize)],
     );
     metric(

@@ -429,12 +429,28 @@ fn busy_polling_spins_for_its_window_then_sleeps() {
     // a share of a CPU only, hence the low bar.
     let spinning = ticks_over(500);
     assert!(spinning >= 10, "{spinning} ticks in the first half second of the window: it sleeps");
-    // The window ends by t0 + 1 s (it counts from the end of the turn that
-    // sent the reply, before t0).
+    // The window counts from the end of the turn that sent the reply,
+    // which ends a moment after the reply reached us: by t0 + 1 s and a
+    // little, well before t0 + 1.1 s.
     std::thread::sleep(Duration::from_millis(1100).saturating_sub(t0.elapsed()));
     let after = ticks_over(500);
     assert!(after < 10, "{after} ticks after the window: it never stops spinning");
     signal(&child, libc::SIGTERM);
     drop(s);
+    assert_eq!(wait_exit(&mut child), 0);
+}
+
+/// Deadlines hold while the loop spins: a client that connects and says
+/// nothing is closed at its 300 ms handshake timeout, not when the 1 s of
+/// spinning its connection started has passed.
+#[test]
+fn busy_polling_keeps_deadlines() {
+    let (mut child, addr) = spawn(&["--busy-poll", "1s", "--handshake-timeout", "300ms"]);
+    let t0 = Instant::now();
+    let mut silent = connect(addr);
+    assert!(closed(&mut silent), "the silent client was not closed");
+    let took = t0.elapsed();
+    assert!(took < Duration::from_millis(800), "closed after {took:?}: the deadline waited for the spinning");
+    signal(&child, libc::SIGTERM);
     assert_eq!(wait_exit(&mut child), 0);
 }

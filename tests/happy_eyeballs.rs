@@ -127,6 +127,7 @@ fn a_racer_carries_on_when_the_first_attempt_fails() {
         let addr = l.local_addr().unwrap();
         let fill: Vec<TcpStream> =
             (0..8).filter_map(|_| TcpStream::connect_timeout(&addr, Duration::from_millis(100)).ok()).collect();
+        assert!(fill.len() < 8, "the queue must be full: new SYNs go unanswered");
         (l, addr, fill)
     };
     let (first, first_addr, first_fill) = silent();

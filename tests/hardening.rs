@@ -153,6 +153,56 @@ fn a_client_reset_reaches_the_destination_as_a_reset() {
     }
 }
 
+/// A client that uploads, half-closes and then goes away (what comes back
+/// for it can no longer be written) had finished its upload: the
+/// destination gets all of it and the EOF, even when it reads slowly and
+/// most of the upload still waits in the proxy's kernel; no reset.
+#[test]
+fn a_finished_upload_survives_the_client_going_away() {
+    use socket2::{Domain, Socket, Type};
+    let proxy = Proxy::start();
+    let l = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    l.set_recv_buffer_size(4096).unwrap();
+    l.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into()).unwrap();
+    l.listen(1).unwrap();
+    let l: std::net::TcpListener = l.into();
+    let target = l.local_addr().unwrap();
+    let (go, gone) = std::sync::mpsc::channel::<()>();
+    let (got, ended) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let (mut c, _) = l.accept().unwrap();
+        c.write_all(b"banner").unwrap();
+        let _ = gone.recv();
+        // Answers the client can no longer take: the proxy's writes fail.
+        for _ in 0..2 {
+            if c.write_all(b"more").is_err() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        let (mut b, mut n) = ([0u8; 65536], 0);
+        let end = loop {
+            match c.read(&mut b) {
+                Ok(0) => break Ok(()),
+                Ok(k) => n += k,
+                Err(e) => break Err(e.kind()),
+            }
+        };
+        let _ = got.send((n, end));
+    });
+    let mut s = open(proxy.addr, target);
+    expect(&mut s, b"banner");
+    s.write_all(&[b'x'; 12_000]).unwrap();
+    s.shutdown(Shutdown::Write).unwrap();
+    // The proxy passes the EOF on at once; then the client goes.
+    std::thread::sleep(Duration::from_millis(200));
+    drop(s);
+    go.send(()).unwrap();
+    assert_eq!(ended.recv_timeout(IO_TIMEOUT).unwrap(), (12_000, Ok(())));
+    proxy.wait_sessions(0);
+}
+
 /// 5 000 clients complete the handshake to a sink and stall, while a normal
 /// client gets its bytes through; the idle timeout closes them all, and
 /// the process returns to its baseline descriptors and memory. (10 000

@@ -172,16 +172,7 @@ fn behind_haproxy() {
         log.wait_for_nth("access client=127.0.0.9:", 2);
         assert!(!log.all().contains("access client=127.0.0.1:"), "a backend saw the balancer as the client");
     }
-    let series = |log: &Log, name: &str| -> u64 {
-        let at = log.wait_for("metrics on http://");
-        let addr: SocketAddr = at.split("http://").nth(1).unwrap().trim_end_matches("/metrics").parse().unwrap();
-        let mut s = TcpStream::connect(addr).unwrap();
-        s.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").unwrap();
-        let mut text = String::new();
-        s.read_to_string(&mut text).unwrap();
-        let line = text.lines().find(|l| l.starts_with(name) && l[name.len()..].starts_with(' ')).unwrap();
-        line.rsplit(' ').next().unwrap().parse().unwrap()
-    };
+    let series = |log: &Log, name: &str| metric(&scrape(metrics_addr(log)), name);
     let connects = "slabsocks_requests_total{command=\"connect\"}";
     assert_eq!(series(&a.2, connects) + series(&b.2, connects), 6);
     eventually("backend a has closed every session", || series(&a.2, "slabsocks_sessions_active") == 0);

@@ -16,7 +16,9 @@
 //! to its own end, so a destination that answers and hangs up while the
 //! client is still uploading (an HTTP 413, say) gets its answer through.
 //! The session ends when both directions have ended, or when the client can
-//! no longer be written to.
+//! no longer be written to. A client that resets (or can no longer be
+//! written to) before its upload ended reaches the upstream as a reset,
+//! never as the EOF that would make a cut-off upload look complete.
 
 use super::{Carry, Client, Close, Ctx, Flow, Ready, Recycle, State, linger};
 use crate::buf::{Buf, Io, Pool, read, write};
@@ -28,6 +30,7 @@ use mio::net::TcpStream;
 use std::io;
 use std::net::Shutdown;
 use std::os::fd::AsRawFd;
+use std::time::Duration;
 use std::time::Instant;
 
 /// Socket operations per turn before a session yields to the others.
@@ -112,9 +115,12 @@ struct Dir {
     eof_shut: u8,
     /// The other direction's `shut` and this one's `dead`: with either
     /// set, no `shutdown` (the close sends the FIN, or the destination is
-    /// gone). Client to upstream adds the client gone (`RX_DEAD`): the
-    /// session ends now, and the upstream gets a reset, never a FIN first.
+    /// gone).
     no_fin: u8,
+    /// The client is gone (`RX_DEAD`), for client to upstream: its EOF is
+    /// not passed on at all (the session ends now, and the upstream gets a
+    /// reset). None for the other direction.
+    abort: u8,
     /// A read has filled a whole buffer: the direction carries bulk, and
     /// splices from now on. Until then it copies: for small messages a
     /// splice costs a syscall more than a copy (its `EAGAIN`, which the
@@ -147,7 +153,8 @@ const TX: Dir = Dir {
     dead: TX_DEAD,
     reset: TX_EOF | RX_DEAD,
     eof_shut: TX_EOF | TX_SHUT,
-    no_fin: RX_SHUT | TX_DEAD | RX_DEAD,
+    no_fin: RX_SHUT | TX_DEAD,
+    abort: RX_DEAD,
     bulk: TX_BULK,
 };
 /// Upstream to client.
@@ -161,6 +168,7 @@ const RX: Dir = Dir {
     reset: RX_EOF | TX_DEAD,
     eof_shut: RX_EOF | RX_SHUT,
     no_fin: TX_SHUT | RX_DEAD,
+    abort: 0,
     bulk: RX_BULK,
 };
 
@@ -364,9 +372,9 @@ impl Half {
 
     /// Passes the source's EOF on once nothing is left to deliver (no
     /// buffer, and no pipe: both are given back when drained); true when it
-    /// did.
+    /// did. Not when the direction aborts: then the session is ending.
     fn pass_eof(&self, dst: &mut TcpStream, dir: &Dir, ends: &mut u8) -> bool {
-        if *ends & dir.eof_shut != dir.eof || self.buf.is_some() || self.end != 0 {
+        if *ends & dir.eof_shut != dir.eof || self.buf.is_some() || self.end != 0 || *ends & dir.abort != 0 {
             return false;
         }
         if *ends & dir.no_fin == 0 {
@@ -428,11 +436,16 @@ impl Relay {
             Pumped::Wait => (State::Relaying(self), Flow::Wait),
             Pumped::Again => (State::Relaying(self), Flow::Again),
             Pumped::Close(Close::ClientGone) => {
-                // The client reset (or cannot be written to): the upstream
-                // is reset too, so a cut-off upload never looks complete
-                // to it, as a FIN would make it look. What was not yet sent
-                // to it is dropped, as the client's own reset dropped its.
-                let _ = socket2::SockRef::from(&self.up).set_linger(Some(std::time::Duration::ZERO));
+                // The client reset (or cannot be written to) before its
+                // EOF was passed on: the upstream is reset too, so a
+                // cut-off upload never looks complete to it, as a FIN
+                // would make it look. What was not yet sent to it is
+                // dropped, as the client's own reset dropped its. After
+                // the EOF went out, the upload is whole: a plain close
+                // lets the kernel deliver what it still holds.
+                if self.ends & TX_SHUT == 0 {
+                    let _ = socket2::SockRef::from(&self.up).set_linger(Some(Duration::ZERO));
+                }
                 (State::Relaying(self), Flow::Close(Close::ClientGone))
             }
             Pumped::Close(why) => (State::Relaying(self), Flow::Close(why)),
