@@ -352,6 +352,17 @@ mod tests {
             ..Config::default()
         };
         assert_eq!(longest.validate(), Ok(()));
+        let ms = Duration::from_millis(1);
+        let shortest = Config {
+            handshake_timeout: ms,
+            connect_timeout: ms,
+            idle_timeout: Some(ms),
+            bind_timeout: ms,
+            udp_idle_timeout: ms,
+            busy_poll: Some(Duration::from_micros(1)),
+            ..Config::default()
+        };
+        assert_eq!(shortest.validate(), Ok(()), "a millisecond is the shortest timeout");
         let bad = [
             Config { listen: vec![], ..Config::default() },
             Config { buffer_size: 100, ..Config::default() },
