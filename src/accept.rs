@@ -4,8 +4,12 @@
 //! Accepting stops at `max_connections` and resumes when sessions drop to
 //! 90% of it (hysteresis: no flapping at the limit). When `accept` fails for
 //! want of descriptors or memory, it pauses for [`BACKOFF`], or until a
-//! session closes. A paused listener gets no new edge for connections
-//! already queued, so on resuming the loop retries every listener.
+//! session closes. An error of one client (an aborted handshake) is passed
+//! over. Any other error is the listener's own (`EINVAL` from a listener
+//! shut down under us): that listener alone rests for [`BACKOFF`], so it
+//! neither spins the loop nor holds up the others. A paused listener gets
+//! no new edge for connections already queued, so on resuming the loop
+//! retries every listener.
 
 use crate::conn::{Conn, Env};
 use crate::stats::Stat;
@@ -39,6 +43,8 @@ enum Gate {
 
 pub(crate) struct Accept {
     listeners: Vec<TcpListener>,
+    /// By listener: resting until then after an error of its own.
+    resting: Vec<Option<Instant>>,
     gate: Gate,
     max_conns: usize,
     resume_at: usize,
@@ -64,7 +70,18 @@ pub(crate) enum Accepted {
 impl Accept {
     pub(crate) fn new(listeners: Vec<TcpListener>, max_conns: usize, backlog: Option<u32>) -> Accept {
         let resume_at = max_conns - max_conns / 10 - 1;
-        Accept { listeners, gate: Gate::Open, max_conns, resume_at, backlog, next_id: 0, id_step: 1, worker: 0 }
+        let resting = vec![None; listeners.len()];
+        Accept {
+            listeners,
+            resting,
+            gate: Gate::Open,
+            max_conns,
+            resume_at,
+            backlog,
+            next_id: 0,
+            id_step: 1,
+            worker: 0,
+        }
     }
 
     /// This is worker `worker` of `workers`.
@@ -120,6 +137,9 @@ impl Accept {
                 return Accepted::Done;
             }
             let Some(listener) = self.listeners.get(i) else { return Accepted::Done };
+            if self.resting.get(i).is_some_and(Option::is_some) {
+                return Accepted::Done;
+            }
             match listener.accept() {
                 Ok((stream, peer)) => self.admit(stream, peer, conns, env, registry, now),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Accepted::Done,
@@ -130,7 +150,19 @@ impl Accept {
                     return Accepted::Done;
                 }
                 // Aborted handshakes and the like concern one client only.
-                Err(e) => debug!("accept: {e}"),
+                Err(e) if is_client_error(&e) => debug!("accept: {e}"),
+                Err(e) => {
+                    if let Some(rest) = self.resting.get_mut(i) {
+                        *rest = Some(now + BACKOFF);
+                    }
+                    env.stats.inc(Stat::AcceptBackoffs);
+                    env.warnings.warn(
+                        Warn::Accept,
+                        now,
+                        format_args!("accept on listener {i}: {e}; retrying it in {BACKOFF:?}"),
+                    );
+                    return Accepted::Done;
+                }
             }
         }
         Accepted::More
@@ -204,9 +236,17 @@ impl Accept {
         self.open_if(resume)
     }
 
-    /// The loop's clock: true when a back-off has just ended.
+    /// The loop's clock: true when a back-off (or a listener's rest) has
+    /// just ended.
     pub(crate) fn tick(&mut self, now: Instant) -> bool {
-        self.open_if(matches!(self.gate, Gate::Backoff(at) if now >= at))
+        let mut rested = false;
+        for rest in &mut self.resting {
+            if rest.is_some_and(|at| now >= at) {
+                *rest = None;
+                rested = true;
+            }
+        }
+        self.open_if(matches!(self.gate, Gate::Backoff(at) if now >= at)) || rested
     }
 
     fn open_if(&mut self, resume: bool) -> bool {
@@ -216,12 +256,13 @@ impl Accept {
         resume
     }
 
-    /// When a back-off ends, for the poll timeout.
+    /// When a back-off or a listener's rest ends, for the poll timeout.
     pub(crate) fn deadline(&self) -> Option<Instant> {
-        match self.gate {
+        let gate = match self.gate {
             Gate::Backoff(at) => Some(at),
             _ => None,
-        }
+        };
+        self.resting.iter().flatten().copied().chain(gate).min()
     }
 
     /// Closes the listeners for good.
@@ -242,6 +283,34 @@ pub(crate) fn load(open: usize, third_fd: usize) -> usize {
 
 fn is_resource_error(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM))
+}
+
+/// An error that concerns the connection being accepted, not the listener:
+/// an aborted handshake, a firewall's refusal, an interrupted call, or a
+/// network error already pending on the new socket (Linux passes those on
+/// from `accept`; see accept(2)).
+fn is_client_error(e: &io::Error) -> bool {
+    #[cfg(target_os = "linux")]
+    if e.raw_os_error() == Some(libc::ENONET) {
+        return true;
+    }
+    matches!(
+        e.raw_os_error(),
+        Some(
+            libc::ECONNABORTED
+                | libc::ECONNRESET
+                | libc::EPROTO
+                | libc::EPERM
+                | libc::EINTR
+                | libc::ETIMEDOUT
+                | libc::ENETDOWN
+                | libc::ENETUNREACH
+                | libc::EHOSTDOWN
+                | libc::EHOSTUNREACH
+                | libc::ENOPROTOOPT
+                | libc::EOPNOTSUPP
+        )
+    ) || e.kind() == io::ErrorKind::Interrupted
 }
 
 #[cfg(test)]
@@ -336,19 +405,41 @@ mod tests {
         assert_eq!((conns.len(), a.gate), (2, Gate::Full));
     }
 
-    /// An accept error other than a want of descriptors or memory does not
-    /// pause accepting. (The one a test can cause is `EINVAL`, from a
-    /// listener shut down for reading, on Linux; the errors meant are those
-    /// of one client, such as `ECONNABORTED` elsewhere.)
+    /// A listener that fails for itself (`EINVAL`: shut down for reading,
+    /// on Linux) rests alone for the back-off: one call, `Done` (not a
+    /// batch of failures and `More`, which would spin the loop), accepting
+    /// stays open for the others, and the rest ends on the clock.
     #[cfg(target_os = "linux")]
     #[test]
-    fn an_error_of_one_client_does_not_pause_accepting() {
+    fn a_broken_listener_rests_alone() {
         let (l, _clients) = queued(0);
         socket2::SockRef::from(&l).shutdown(std::net::Shutdown::Read).unwrap();
+        let (good, _queued) = queued(2);
         let (mut conns, mut env, poll) = (Slab::new(), crate::conn::tests::env(), mio::Poll::new().unwrap());
-        let mut a = Accept::new(vec![l], 10, None);
-        accept_once(&mut a, &mut conns, &mut env, &poll);
-        assert_eq!(a.gate, Gate::Open, "no back-off");
+        let mut a = Accept::new(vec![l, good], 10, None);
+        let now = Instant::now();
+        assert_eq!(a.accept(0, &mut conns, &mut env, poll.registry(), now), Accepted::Done);
+        assert_eq!(a.gate, Gate::Open, "no back-off for the others");
+        assert_eq!(a.deadline(), Some(now + BACKOFF));
+        assert_eq!(a.accept(0, &mut conns, &mut env, poll.registry(), now), Accepted::Done);
+        assert_eq!(a.accept(1, &mut conns, &mut env, poll.registry(), now), Accepted::Done);
+        assert_eq!(conns.len(), 2, "the other listener is served");
+        assert!(!a.tick(now + BACKOFF / 2), "still resting");
+        assert!(a.tick(now + BACKOFF), "the rest is over");
+        assert_eq!(a.deadline(), None);
+        for (key, _) in conns.drain().enumerate() {
+            env.limits.release(key, 0);
+        }
+    }
+
+    #[test]
+    fn client_errors_are_the_connections_not_the_listeners() {
+        for e in [libc::ECONNABORTED, libc::EPROTO, libc::EPERM, libc::EINTR, libc::ENETUNREACH] {
+            assert!(is_client_error(&io::Error::from_raw_os_error(e)), "{e}");
+        }
+        for e in [libc::EINVAL, libc::EBADF, libc::ENOTSOCK, libc::EMFILE] {
+            assert!(!is_client_error(&io::Error::from_raw_os_error(e)), "{e}");
+        }
     }
 
     #[test]

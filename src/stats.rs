@@ -218,7 +218,7 @@ pub(crate) fn render<'a>(loops: impl Iterator<Item = &'a Published> + Clone, wor
     metric(
         "accept_backoffs_total",
         "counter",
-        "Accept pauses for a resource error (EMFILE, ENFILE, ...).",
+        "Accept pauses for an error: a want of resources (EMFILE, ENFILE, ...), or a listener's own.",
         &[("", AcceptBackoffs as usize)],
     );
     metric("accept_pauses_total", "counter", "Accept pauses at the connection limit.", &[("", AcceptPauses as usize)]);
