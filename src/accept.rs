@@ -27,7 +27,8 @@ use std::time::{Duration, Instant};
 /// Connections accepted per listener per turn; the rest wait for the end
 /// of the turn, after the sessions.
 const BATCH: usize = 64;
-/// Pause after accept fails for want of descriptors or memory.
+/// Pause after accept fails for want of descriptors or memory, and a
+/// listener's rest after an error of its own.
 pub(crate) const BACKOFF: Duration = Duration::from_millis(100);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,6 +118,10 @@ impl Accept {
         registry: &Registry,
         now: Instant,
     ) -> Accepted {
+        // Errors of one client in a row: a whole batch of them, with no
+        // connection between, is the listener's own trouble however the
+        // errno reads (a seccomp filter's EPERM, say).
+        let mut client_errors = 0;
         for _ in 0..BATCH {
             if self.gate != Gate::Open {
                 return Accepted::Done;
@@ -141,7 +146,10 @@ impl Accept {
                 return Accepted::Done;
             }
             match listener.accept() {
-                Ok((stream, peer)) => self.admit(stream, peer, conns, env, registry, now),
+                Ok((stream, peer)) => {
+                    client_errors = 0;
+                    self.admit(stream, peer, conns, env, registry, now);
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Accepted::Done,
                 Err(e) if is_resource_error(&e) => {
                     self.gate = Gate::Backoff(now + BACKOFF);
@@ -150,14 +158,17 @@ impl Accept {
                     return Accepted::Done;
                 }
                 // Aborted handshakes and the like concern one client only.
-                Err(e) if is_client_error(&e) => debug!("accept: {e}"),
+                Err(e) if is_client_error(&e) && client_errors + 1 < BATCH => {
+                    client_errors += 1;
+                    debug!("accept: {e}");
+                }
                 Err(e) => {
                     if let Some(rest) = self.resting.get_mut(i) {
                         *rest = Some(now + BACKOFF);
                     }
-                    env.stats.inc(Stat::AcceptBackoffs);
+                    env.stats.inc(Stat::ListenerRests);
                     env.warnings.warn(
-                        Warn::Accept,
+                        Warn::Listener,
                         now,
                         format_args!("accept on listener {i}: {e}; retrying it in {BACKOFF:?}"),
                     );
@@ -270,6 +281,7 @@ impl Accept {
         for mut l in self.listeners.drain(..) {
             let _ = registry.deregister(&mut l);
         }
+        self.resting.clear();
         self.gate = Gate::Stopped;
     }
 }
@@ -421,7 +433,10 @@ mod tests {
         assert_eq!(a.accept(0, &mut conns, &mut env, poll.registry(), now), Accepted::Done);
         assert_eq!(a.gate, Gate::Open, "no back-off for the others");
         assert_eq!(a.deadline(), Some(now + BACKOFF));
-        assert_eq!(a.accept(0, &mut conns, &mut env, poll.registry(), now), Accepted::Done);
+        // Asked again while it rests: not tried, so the rest stays as it was.
+        let later = now + BACKOFF / 2;
+        assert_eq!(a.accept(0, &mut conns, &mut env, poll.registry(), later), Accepted::Done);
+        assert_eq!(a.deadline(), Some(now + BACKOFF), "a resting listener is not tried");
         assert_eq!(a.accept(1, &mut conns, &mut env, poll.registry(), now), Accepted::Done);
         assert_eq!(conns.len(), 2, "the other listener is served");
         assert!(!a.tick(now + BACKOFF / 2), "still resting");

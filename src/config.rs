@@ -359,6 +359,7 @@ mod tests {
             idle_timeout: Some(ms),
             bind_timeout: ms,
             udp_idle_timeout: ms,
+            shutdown_grace: ms,
             busy_poll: Some(Duration::from_micros(1)),
             ..Config::default()
         };

@@ -19,6 +19,8 @@ pub(crate) enum Stat {
     AcceptBackoffs,
     /// Accepting paused at the connection limit.
     AcceptPauses,
+    /// A listener rested after an error of its own.
+    ListenerRests,
     BytesUp,
     BytesDown,
     /// UDP ASSOCIATE: datagrams relayed each way, their payload bytes, and
@@ -218,10 +220,16 @@ pub(crate) fn render<'a>(loops: impl Iterator<Item = &'a Published> + Clone, wor
     metric(
         "accept_backoffs_total",
         "counter",
-        "Accept pauses for an error: a want of resources (EMFILE, ENFILE, ...), or a listener's own.",
+        "Accept pauses for a resource error (EMFILE, ENFILE, ...).",
         &[("", AcceptBackoffs as usize)],
     );
     metric("accept_pauses_total", "counter", "Accept pauses at the connection limit.", &[("", AcceptPauses as usize)]);
+    metric(
+        "listener_rests_total",
+        "counter",
+        "Rests of a listener that failed for itself (EINVAL, or a whole batch of failed accepts).",
+        &[("", ListenerRests as usize)],
+    );
     metric(
         "max_connections",
         "gauge",

@@ -23,9 +23,11 @@ pub(crate) enum Warn {
     Login = 4,
     /// The UDP association limit reached.
     Udp = 5,
+    /// A listener failed for itself and rests.
+    Listener = 6,
 }
 
-const KINDS: usize = 6;
+const KINDS: usize = 7;
 
 #[derive(Default)]
 pub(crate) struct Warnings {

@@ -168,19 +168,26 @@ fn a_finished_upload_survives_the_client_going_away() {
     let l: std::net::TcpListener = l.into();
     let target = l.local_addr().unwrap();
     let (go, gone) = std::sync::mpsc::channel::<()>();
+    let (read, may_read) = std::sync::mpsc::channel::<()>();
     let (got, ended) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let (mut c, _) = l.accept().unwrap();
         c.write_all(b"banner").unwrap();
         let _ = gone.recv();
-        // Answers the client can no longer take: the proxy's writes fail.
+        // Answers the client can no longer take. Exactly two, apart: the
+        // first brings the closed client's reset, the second's write then
+        // fails and ends the session. A third, after the session closed,
+        // would meet a closed socket, which the kernel answers with a
+        // reset (README, "Known limitations").
         for _ in 0..2 {
             if c.write_all(b"more").is_err() {
                 break;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        std::thread::sleep(Duration::from_millis(300));
+        // Reads only once the session is over: the upload waited in the
+        // proxy's kernel all along.
+        let _ = may_read.recv();
         let (mut b, mut n) = ([0u8; 65536], 0);
         let end = loop {
             match c.read(&mut b) {
@@ -195,12 +202,14 @@ fn a_finished_upload_survives_the_client_going_away() {
     expect(&mut s, b"banner");
     s.write_all(&[b'x'; 12_000]).unwrap();
     s.shutdown(Shutdown::Write).unwrap();
-    // The proxy passes the EOF on at once; then the client goes.
+    // The proxy passes the EOF on within a turn; 200 ms is ample. Then the
+    // client goes.
     std::thread::sleep(Duration::from_millis(200));
     drop(s);
     go.send(()).unwrap();
-    assert_eq!(ended.recv_timeout(IO_TIMEOUT).unwrap(), (12_000, Ok(())));
     proxy.wait_sessions(0);
+    read.send(()).unwrap();
+    assert_eq!(ended.recv_timeout(IO_TIMEOUT).unwrap(), (12_000, Ok(())));
 }
 
 /// 5 000 clients complete the handshake to a sink and stall, while a normal

@@ -215,6 +215,7 @@ impl Binding {
         }
         let relay = super::Relay::new(peer, carry);
         if !answer(client, Outcome::Granted(SocketAddr::new(canonical(addr.ip()), addr.port()))) {
+            relay.abort();
             return (State::Relaying(relay), Flow::Close(Close::ClientGone));
         }
         log::debug!("#{} BIND: peer {addr} connected", ctx.id);

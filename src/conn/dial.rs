@@ -446,6 +446,7 @@ fn connected(up: TcpStream, carry: Carry, client: &mut Client, ctx: &mut Ctx<'_>
     }
     let relay = super::Relay::new(up, carry);
     if !answer(client, Outcome::Granted(bnd)) {
+        relay.abort();
         return (State::Relaying(relay), Flow::Close(Close::ClientGone));
     }
     log::debug!("#{} connected from {bnd}", ctx.id);

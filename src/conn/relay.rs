@@ -16,9 +16,9 @@
 //! to its own end, so a destination that answers and hangs up while the
 //! client is still uploading (an HTTP 413, say) gets its answer through.
 //! The session ends when both directions have ended, or when the client can
-//! no longer be written to. A client that resets (or can no longer be
-//! written to) before its upload ended reaches the upstream as a reset,
-//! never as the EOF that would make a cut-off upload look complete.
+//! no longer be written to. Then, unless the client's EOF has been passed
+//! on, the upstream gets a reset ([`Relay::abort`]), never the FIN that
+//! would make a cut-off upload look complete.
 
 use super::{Carry, Client, Close, Ctx, Flow, Ready, Recycle, State, linger};
 use crate::buf::{Buf, Io, Pool, read, write};
@@ -30,8 +30,7 @@ use mio::net::TcpStream;
 use std::io;
 use std::net::Shutdown;
 use std::os::fd::AsRawFd;
-use std::time::Duration;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Socket operations per turn before a session yields to the others.
 const BUDGET: u32 = 32;
@@ -436,20 +435,27 @@ impl Relay {
             Pumped::Wait => (State::Relaying(self), Flow::Wait),
             Pumped::Again => (State::Relaying(self), Flow::Again),
             Pumped::Close(Close::ClientGone) => {
-                // The client reset (or cannot be written to) before its
-                // EOF was passed on: the upstream is reset too, so a
-                // cut-off upload never looks complete to it, as a FIN
-                // would make it look. What was not yet sent to it is
-                // dropped, as the client's own reset dropped its. After
-                // the EOF went out, the upload is whole: a plain close
-                // lets the kernel deliver what it still holds.
-                if self.ends & TX_SHUT == 0 {
-                    let _ = socket2::SockRef::from(&self.up).set_linger(Some(Duration::ZERO));
-                }
+                self.abort();
                 (State::Relaying(self), Flow::Close(Close::ClientGone))
             }
             Pumped::Close(why) => (State::Relaying(self), Flow::Close(why)),
             Pumped::Linger => linger(self, Close::UpstreamGone, client, ctx),
+        }
+    }
+
+    /// The session ends because the client is gone (reset, or no longer
+    /// writable): unless the client's EOF was passed on, the upstream's
+    /// close becomes a reset, so an upload cut off here never looks
+    /// complete to it, as a FIN would make it look. Whatever the upstream
+    /// had not yet taken is dropped; so is what the client sent and the
+    /// relay still held, even when the client had finished (a known limit:
+    /// the session ends at once when the client goes). After the EOF went
+    /// out, a plain close lets the kernel deliver what it holds, unless
+    /// the upstream has sent bytes the relay never read, when the kernel
+    /// resets it anyway.
+    pub(crate) fn abort(&self) {
+        if self.ends & TX_SHUT == 0 {
+            let _ = socket2::SockRef::from(&self.up).set_linger(Some(Duration::ZERO));
         }
     }
 
