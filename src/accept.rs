@@ -158,10 +158,7 @@ impl Accept {
                     return Accepted::Done;
                 }
                 // Aborted handshakes and the like concern one client only.
-                Err(e) if is_client_error(&e) && client_errors + 1 < BATCH => {
-                    client_errors += 1;
-                    debug!("accept: {e}");
-                }
+                Err(e) if !listeners_own(&e, &mut client_errors) => debug!("accept: {e}"),
                 Err(e) => {
                     if let Some(rest) = self.resting.get_mut(i) {
                         *rest = Some(now + BACKOFF);
@@ -295,6 +292,17 @@ pub(crate) fn load(open: usize, third_fd: usize) -> usize {
 
 fn is_resource_error(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM))
+}
+
+/// Whether an accept error is the listener's own: not one client's, or a
+/// client's that completes a whole batch of them in a row (`run` counts
+/// the row; a connection accepted resets it).
+fn listeners_own(e: &io::Error, run: &mut usize) -> bool {
+    if is_client_error(e) && *run + 1 < BATCH {
+        *run += 1;
+        return false;
+    }
+    true
 }
 
 /// An error that concerns the connection being accepted, not the listener:
@@ -445,6 +453,20 @@ mod tests {
         for (key, _) in conns.drain().enumerate() {
             env.limits.release(key, 0);
         }
+    }
+
+    /// A row of client errors a whole batch long is the listener's own.
+    #[test]
+    fn a_batch_of_client_errors_is_the_listeners_own() {
+        let (aborted, invalid) =
+            (io::Error::from_raw_os_error(libc::ECONNABORTED), io::Error::from_raw_os_error(libc::EINVAL));
+        let mut run = 0;
+        for n in 1..BATCH {
+            assert!(!listeners_own(&aborted, &mut run), "client error {n} of a row");
+        }
+        assert_eq!(run, BATCH - 1);
+        assert!(listeners_own(&aborted, &mut run), "the batch-th in a row");
+        assert!(listeners_own(&invalid, &mut 0), "EINVAL at once");
     }
 
     #[test]
