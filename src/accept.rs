@@ -447,6 +447,10 @@ mod tests {
         assert_eq!(a.deadline(), Some(now + BACKOFF), "a resting listener is not tried");
         assert_eq!(a.accept(1, &mut conns, &mut env, poll.registry(), now), Accepted::Done);
         assert_eq!(conns.len(), 2, "the other listener is served");
+        let published = crate::stats::Published::default();
+        env.stats.publish(&published);
+        let text = crate::stats::render(std::iter::once(&published), 1);
+        assert!(text.contains("\nslabsocks_listener_rests_total 1\n"), "one rest counted:\n{text}");
         assert!(!a.tick(now + BACKOFF / 2), "still resting");
         assert!(a.tick(now + BACKOFF), "the rest is over");
         assert_eq!(a.deadline(), None);

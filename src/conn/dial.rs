@@ -516,6 +516,28 @@ mod tests {
         assert!(!client.ready.has(Ready::UP_W), "waiting for the next writable event");
     }
 
+    /// A client gone by the time its success reply is written: the session
+    /// ends, and the upstream, connected but sent nothing, gets a reset
+    /// rather than a FIN that would read as an empty request.
+    #[test]
+    fn a_client_gone_at_the_reply_resets_the_upstream() {
+        let mut env = env();
+        let poll = mio::Poll::new().unwrap();
+        let (mut client, theirs) = crate::conn::tests::client();
+        socket2::SockRef::from(&theirs).set_linger(Some(std::time::Duration::ZERO)).unwrap();
+        drop(theirs);
+        crate::conn::tests::arrived(&client.stream, 0);
+        let (up, mut up_peer) = crate::conn::tests::pair();
+        let mut ctx = crate::conn::tests::ctx(&poll, &mut env);
+        let carry = carry(&mut ctx.env.pool);
+        let (state, flow) = connected(up, carry, &mut client, &mut ctx);
+        assert_eq!(flow, Flow::Close(Close::ClientGone));
+        state.recycle(&mut ctx.env.pool);
+        up_peer.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+        let got = std::io::Read::read(&mut up_peer, &mut [0u8; 8]).map_err(|e| e.kind());
+        assert_eq!(got, Err(std::io::ErrorKind::ConnectionReset));
+    }
+
     /// The stagger is armed again only while addresses are left to race:
     /// with the list used up, no timer wakes the session for nothing.
     #[test]
